@@ -1,0 +1,121 @@
+"""Orbax checkpoints of the whole run state, one per finished epoch.
+
+A checkpoint holds the train state (prompt and adapter parameters, optimizer state, step), the
+host loop state (next epoch, main-sample leaderboard, confident counts) and a small JSON record
+that identifies the run (model, class names, paradigm, trainable tree layout). Orbax writes
+each checkpoint into a temporary folder and renames it when complete, so a process killed at
+any moment leaves the previous checkpoint readable. State is saved from the host (device 0's
+copy), so it restores onto any number of devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cap_jax.loop import LoopState
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ValueError):
+    """Raised when a checkpoint belongs to another model, class list or parameter layout."""
+
+
+def _manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def tree_layout(tree: Any) -> list[str]:
+    """Describe a pytree as 'path shape dtype' strings, to detect incompatible checkpoints."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [f"{jax.tree_util.keystr(path)} {tuple(np.shape(leaf))} {np.asarray(leaf).dtype}"
+            for path, leaf in leaves]
+
+
+class RunCheckpointer:
+    """Save and restore the run state under `directory` (typically `<workdir>/checkpoints`)."""
+
+    def __init__(self, directory: str, identity: dict[str, Any], max_to_keep: int = 2):
+        self.directory = directory
+        self.identity = identity
+        self._manager = _manager(directory, max_to_keep)
+
+    def latest_epoch(self) -> Optional[int]:
+        return self._manager.latest_step()
+
+    def save(self, state: Any, loop_state: LoopState) -> None:
+        """Write the checkpoint of a finished epoch (`loop_state.epoch` epochs done) and wait."""
+        state = jax.tree.map(np.asarray, state)
+        loop_tree = {
+            "epoch": np.asarray(loop_state.epoch, np.int64),
+            "leaderboard": np.asarray(loop_state.leaderboard, np.int64),
+            "counts": np.asarray(loop_state.counts, np.int64),
+        }
+        meta = dict(self.identity, layout=tree_layout(state))
+        self._manager.save(
+            loop_state.epoch,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                loop=ocp.args.StandardSave(loop_tree),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+        self._manager.wait_until_finished()
+
+    def restore(self, target_state: Any, epoch: Optional[int] = None) -> tuple[Any, LoopState]:
+        """Restore the state of `epoch` (default: the latest) into the structure of `target_state`.
+
+        Raises:
+          FileNotFoundError: when there is no checkpoint.
+          CheckpointMismatchError: when the checkpoint was written for another model, class list,
+            paradigm or parameter layout.
+        """
+        epoch = self.latest_epoch() if epoch is None else epoch
+        if epoch is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        meta = self._manager.restore(
+            epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        self._check_identity(meta, target_state, epoch)
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), target_state)
+        restored = self._manager.restore(
+            epoch,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                loop=ocp.args.StandardRestore(),
+            ),
+        )
+        loop_tree = restored["loop"]
+        loop_state = LoopState(
+            epoch=int(loop_tree["epoch"]),
+            leaderboard=np.asarray(loop_tree["leaderboard"], np.int64),
+            counts=np.asarray(loop_tree["counts"], np.int64),
+        )
+        state = jax.tree.map(np.asarray, restored["state"])
+        return state, loop_state
+
+    def _check_identity(self, meta: dict, target_state: Any, epoch: int) -> None:
+        where = os.path.join(self.directory, str(epoch))
+        for key, expected in self.identity.items():
+            found = meta.get(key)
+            if found != expected:
+                raise CheckpointMismatchError(
+                    f"checkpoint {where} was written with {key}={found!r}, but this run has "
+                    f"{key}={expected!r}; use another --workdir or delete the checkpoints")
+        layout = tree_layout(jax.tree.map(np.asarray, target_state))
+        if meta.get("layout") != layout:
+            saved = meta.get("layout") or []
+            diff = sorted(set(saved) ^ set(layout))[:4]
+            raise CheckpointMismatchError(
+                f"checkpoint {where} has a different parameter layout than this run "
+                f"(first differences: {diff}); use another --workdir or delete the checkpoints")
+
+    def close(self) -> None:
+        self._manager.close()
