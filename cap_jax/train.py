@@ -251,8 +251,20 @@ def text_features_step(frozen: PyTree, params: PyTree, *, towers: Any,
 
 
 def replicate(tree: PyTree, devices: Optional[list] = None) -> PyTree:
-    """Copy a host pytree onto every local device, stacked on a leading device axis."""
-    return flax.jax_utils.replicate(tree, devices=devices)
+    """Copy a host pytree onto every device, stacked on a leading device axis.
+
+    The arrays get the sharding that `jax.pmap` gives its outputs (a mesh over the `batch`
+    axis), so a state fed back into the step does not trigger a second compilation.
+    """
+    devices = list(devices or jax.local_devices())
+    mesh = jax.sharding.Mesh(np.array(devices), (AXIS_NAME,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS_NAME))
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.device_put(np.broadcast_to(x, (len(devices),) + x.shape), sharding)
+
+    return jax.tree.map(put, tree)
 
 
 def unreplicate(tree: PyTree) -> PyTree:
