@@ -82,8 +82,9 @@ class RunConfig:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.prompt_depth < 1:
             raise ValueError(f"prompt_depth must be at least 1, got {self.prompt_depth}")
-        if not 0.0 <= self.threshold < 1.0:
-            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(
+                f"threshold must be in [0, 1] (1 keeps no pseudolabel), got {self.threshold}")
         if "{}" not in self.template:
             raise ValueError(f"template must contain '{{}}' for the class name: {self.template!r}")
 
