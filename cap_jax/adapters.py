@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "init_adapter_params",
-    "apply_adapter",
-    "init_adapters",
     "adapters_from_state_dict",
     "adapters_to_state_dict",
+    "apply_adapter",
+    "init_adapter_params",
+    "init_adapters",
 ]
 
 # The PyTorch CAP code names its adapters like this; fc.0 and fc.2 are the two
@@ -101,14 +101,17 @@ def init_adapters(rng: jax.Array, dim: int, *, hidden: int = 128) -> dict:
     """
     rngs = jax.random.split(rng, len(_BRANCHES))
     return {
-        branch: init_adapter_params(key, dim, hidden=hidden)
-        for branch, key in zip(_BRANCHES, rngs)
+        branch: init_adapter_params(key, dim, hidden=hidden) for branch, key in zip(_BRANCHES, rngs)
     }
 
 
 def _strip_prefix(state_dict: Mapping, prefix: str) -> dict:
     if prefix:
-        return {name[len(prefix) :]: value for name, value in state_dict.items() if name.startswith(prefix)}
+        return {
+            name[len(prefix) :]: value
+            for name, value in state_dict.items()
+            if name.startswith(prefix)
+        }
     # Accelerate and DistributedDataParallel save wrapped modules under "module.".
     if state_dict and all(name.startswith("module.") for name in state_dict):
         return {name[len("module.") :]: value for name, value in state_dict.items()}

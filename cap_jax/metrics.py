@@ -11,10 +11,10 @@ import numpy as np
 
 __all__ = [
     "accuracy",
-    "per_class_accuracy",
     "harmonic_mean",
-    "trzsl_accuracy",
+    "per_class_accuracy",
     "pseudolabel_balance",
+    "trzsl_accuracy",
 ]
 
 

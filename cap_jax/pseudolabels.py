@@ -22,8 +22,8 @@ from collections.abc import Iterable
 import numpy as np
 
 __all__ = [
-    "initial_leaderboard",
     "epoch_leaderboard",
+    "initial_leaderboard",
     "main_sample_count",
     "update_main_samples",
 ]
@@ -183,7 +183,7 @@ def epoch_leaderboard(
             f"[{pseudolabels.min()}, {pseudolabels.max()}]"
         )
 
-    taken = {int(i) for i in np.asarray(list(exclude), dtype=np.int64).ravel()}
+    assigned_ids = {int(i) for i in np.asarray(list(exclude), dtype=np.int64).ravel()}
     width = int(np.unique(image_ids).size)
     leaderboard = np.full((num_classes, width), -1, dtype=np.int32)
     for c in range(num_classes):
@@ -192,9 +192,9 @@ def epoch_leaderboard(
         position = 0
         for image_id in image_ids[order]:
             image_id = int(image_id)
-            if image_id in taken:
+            if image_id in assigned_ids:
                 continue
-            taken.add(image_id)
+            assigned_ids.add(image_id)
             leaderboard[c, position] = image_id
             position += 1
     return leaderboard

@@ -7,7 +7,9 @@ import optax
 __all__ = ["learning_rate_schedule"]
 
 
-def learning_rate_schedule(base_lr: float, *, warmup_steps: int, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(
+    base_lr: float, *, warmup_steps: int, total_steps: int
+) -> optax.Schedule:
     """Build the per-step learning rate: linear warm-up from 0, then cosine decay to 0.
 
     ``lr(t) = base_lr · t / warmup_steps`` for ``t < warmup_steps``, then

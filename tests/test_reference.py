@@ -117,7 +117,11 @@ def check_margin(arrays: dict, params: dict) -> None:
     compute = jax.jit(margin.confusion_aware_margin, static_argnames=("scale", "factor"))
     seen = arrays.get("seen")
     result = compute(
-        arrays["text_features"], prototypes, arrays["counts"], scale=float(params["scale"]), seen=seen
+        arrays["text_features"],
+        prototypes,
+        arrays["counts"],
+        scale=float(params["scale"]),
+        seen=seen,
     )
     _assert_close(result, arrays["margin"], "margin")
 
