@@ -49,11 +49,11 @@ def test_prefetch_propagates_exception_after_items():
         yield 2
         raise SourceError("broken batch 3")
 
-    received = []
+    iterator = prefetch(failing())
+    assert next(iterator) == 1
+    assert next(iterator) == 2
     with pytest.raises(SourceError, match="broken batch 3"):
-        for item in prefetch(failing()):
-            received.append(item)
-    assert received == [1, 2]
+        next(iterator)
 
 
 def test_prefetch_stops_worker_on_early_exit():
@@ -139,7 +139,9 @@ def test_dataset_validates_inputs():
         ImageDataset(["a"], images.astype(np.float32), [0, 0, 0])
     with pytest.raises(ValueError, match="other class names"):
         ClassificationData(
-            "toy", ["a", "b"], ImageDataset(["a", "b"], images, [0, 1, 1]),
+            "toy",
+            ["a", "b"],
+            ImageDataset(["a", "b"], images, [0, 1, 1]),
             ImageDataset(["a", "c"], images, [0, 1, 1]),
         )
 

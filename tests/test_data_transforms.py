@@ -146,8 +146,8 @@ def test_crop_params_draw_order():
     while True:
         area = 784 * replay.uniform(0.08, 1.0)
         aspect = math.exp(replay.uniform(math.log(3 / 4), math.log(4 / 3)))
-        w = int(round(math.sqrt(area * aspect)))
-        h = int(round(math.sqrt(area / aspect)))
+        w = round(math.sqrt(area * aspect))
+        h = round(math.sqrt(area / aspect))
         if 0 < w <= 28 and 0 < h <= 28:
             break
     assert (height, width) == (h, w)

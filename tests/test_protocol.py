@@ -52,8 +52,12 @@ def test_split_leaves_global_state_alone():
 def test_sorted_unseen_option():
     names = protocol.class_names("eurosat")
     seen, unseen = protocol.split_classes(names, 500, sort_unseen=True)
-    assert unseen == ["forest", "permanent crop land",
-                      "residential buildings or homes or apartments", "river"]
+    assert unseen == [
+        "forest",
+        "permanent crop land",
+        "residential buildings or homes or apartments",
+        "river",
+    ]
     assert seen == protocol.protocol_split("EuroSAT", 500)[0]
 
 

@@ -12,6 +12,7 @@ from cap_jax.data.dataset import (
 )
 from cap_jax.data.fashion_mnist import load_fashion_mnist, read_idx
 from cap_jax.data.loader import iterate_batches, prefetch
+from cap_jax.data.sources import load_dataset
 from cap_jax.data.transforms import CLIP_MEAN, CLIP_STD, clip_preprocess, strong_augment
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "clip_preprocess",
     "decode_image",
     "iterate_batches",
+    "load_dataset",
     "load_fashion_mnist",
     "prefetch",
     "protocol",

@@ -77,8 +77,8 @@ def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 def _center_crop_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
-    top = int(round((height - size) / 2.0))
-    left = int(round((width - size) / 2.0))
+    top = round((height - size) / 2.0)
+    left = round((width - size) / 2.0)
     return left, top, left + size, top + size
 
 
@@ -135,8 +135,8 @@ def random_resized_crop_params(
     for _ in range(attempts):
         target_area = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        crop_width = int(round(math.sqrt(target_area * aspect)))
-        crop_height = int(round(math.sqrt(target_area / aspect)))
+        crop_width = round(math.sqrt(target_area * aspect))
+        crop_height = round(math.sqrt(target_area / aspect))
         if 0 < crop_width <= width and 0 < crop_height <= height:
             top = int(rng.integers(0, height - crop_height + 1))
             left = int(rng.integers(0, width - crop_width + 1))
@@ -145,10 +145,10 @@ def random_resized_crop_params(
     image_ratio = width / height
     if image_ratio < min(ratio):
         crop_width = width
-        crop_height = int(round(crop_width / min(ratio)))
+        crop_height = round(crop_width / min(ratio))
     elif image_ratio > max(ratio):
         crop_height = height
-        crop_width = int(round(crop_height * max(ratio)))
+        crop_width = round(crop_height * max(ratio))
     else:
         crop_width, crop_height = width, height
     top = (height - crop_height) // 2
