@@ -55,46 +55,48 @@ def pixel_values(dataset, indices=None):
 
 
 def test_check_labels_accepts_exact_cover():
-    labels_lib.check_labels(np.array([0, 2, 1, 1]), ["a", "b", "c"], what="toy")
+    labels_lib.check_labels(np.array([0, 2, 1, 1]), ["a", "b", "c"], source="toy")
 
 
 def test_check_labels_one_based():
     with pytest.raises(ValueError, match="run 1..3 .* look 1-based"):
-        labels_lib.check_labels(np.array([1, 2, 3]), ["a", "b", "c"], what="toy")
+        labels_lib.check_labels(np.array([1, 2, 3]), ["a", "b", "c"], source="toy")
 
 
 def test_check_labels_out_of_range():
     with pytest.raises(ValueError, match=r"0..2 .* found -1, 5"):
-        labels_lib.check_labels(np.array([0, 1, 2, 5, -1]), ["a", "b", "c"], what="toy")
+        labels_lib.check_labels(np.array([0, 1, 2, 5, -1]), ["a", "b", "c"], source="toy")
 
 
 def test_check_labels_missing_classes():
     with pytest.raises(ValueError, match="no image of 1 of its 3 classes: '1: b'"):
-        labels_lib.check_labels(np.array([0, 2, 2]), ["a", "b", "c"], what="toy")
+        labels_lib.check_labels(np.array([0, 2, 2]), ["a", "b", "c"], source="toy")
 
 
 def test_check_labels_empty():
     with pytest.raises(ValueError, match="no images"):
-        labels_lib.check_labels(np.array([], dtype=int), ["a"], what="toy")
+        labels_lib.check_labels(np.array([], dtype=int), ["a"], source="toy")
 
 
 def test_match_names_normalises_case_and_underscores():
     mapping = labels_lib.match_class_names(
-        ["Sea_Ice", "beach", "AIRPLANE"], ["airplane", "beach", "sea ice"], what="toy"
+        ["Sea_Ice", "beach", "AIRPLANE"], ["airplane", "beach", "sea ice"], source="toy"
     )
     np.testing.assert_array_equal(mapping, [2, 1, 0])
 
 
 def test_match_names_duplicates_after_underscores():
     with pytest.raises(ValueError, match="Duplicate class names in toy.*'sea_ice' and 'Sea Ice'"):
-        labels_lib.match_class_names(["sea_ice", "Sea Ice"], ["sea ice", "x"], what="toy")
+        labels_lib.match_class_names(["sea_ice", "Sea Ice"], ["sea ice", "x"], source="toy")
     with pytest.raises(ValueError, match="Duplicate class names in the protocol"):
-        labels_lib.match_class_names(["a"], ["a b", "A_B"], what="toy")
+        labels_lib.match_class_names(["a"], ["a b", "A_B"], source="toy")
 
 
 def test_match_names_reports_unknown_and_missing():
     with pytest.raises(ValueError) as info:
-        labels_lib.match_class_names(["forrest", "river"], ["forest", "river", "lake"], what="toy")
+        labels_lib.match_class_names(
+            ["forrest", "river"], ["forest", "river", "lake"], source="toy"
+        )
     message = str(info.value)
     assert "'forrest' (closest: 'forest')" in message
     assert "protocol classes not found in toy: 'forest', 'lake'" in message
@@ -119,7 +121,7 @@ def test_tfds_label_names_map_onto_protocol():
     for name, source_names in sources.items():
         target = protocol.class_names(name)
         mapping = labels_lib.match_class_names(
-            source_names, target, what=name, aliases=CLASS_ALIASES.get(name)
+            source_names, target, source=name, aliases=CLASS_ALIASES.get(name)
         )
         assert sorted(mapping.tolist()) == list(range(len(target))), name
     assert list(eurosat._LABELS) == EUROSAT_TFDS_LABELS

@@ -1,4 +1,4 @@
-"""Mapping a source's class names and labels onto the protocol's, with checks that say what is off.
+"""Mapping of a source's class names and labels onto the protocol's, with checks.
 
 Every loader maps the labels of its source (folder names, tfds ClassLabel names, ids in
 annotation files) to the protocol's class order, then checks that the labels of each split cover
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-# How many offending names or ids an error message lists before it says "and N more".
+# The number of offending names or ids an error message lists before "and N more".
 _MAX_LISTED = 10
 
 
@@ -29,7 +29,7 @@ def _listing(items: Sequence) -> str:
     return shown
 
 
-def check_unique_names(names: Sequence[str], *, what: str) -> None:
+def check_unique_names(names: Sequence[str], *, source: str) -> None:
     """Raise ValueError when two names are equal after `normalize_class_name`."""
     seen: dict[str, str] = {}
     duplicates = []
@@ -41,7 +41,7 @@ def check_unique_names(names: Sequence[str], *, what: str) -> None:
             seen[key] = name
     if duplicates:
         raise ValueError(
-            f"Duplicate class names in {what} (compared in lower case with '_' read as ' '): "
+            f"Duplicate class names in {source} (compared in lower case with '_' read as ' '): "
             f"{'; '.join(duplicates[:_MAX_LISTED])}."
         )
 
@@ -50,7 +50,7 @@ def match_class_names(
     source_names: Sequence[str],
     target_names: Sequence[str],
     *,
-    what: str,
+    source: str,
     aliases: Mapping[str, str] | None = None,
 ) -> np.ndarray:
     """Map each source class name to the id of the same class in `target_names`.
@@ -62,7 +62,7 @@ def match_class_names(
     Args:
         source_names: class names as the source has them, in the source's id order.
         target_names: the protocol's class names, in class-id order.
-        what: the source, for messages (e.g. "tfds eurosat/rgb").
+        source: the source, for messages (e.g. "tfds eurosat/rgb").
         aliases: source name -> target name.
 
     Returns:
@@ -72,8 +72,8 @@ def match_class_names(
         ValueError: duplicate names on either side, source names without a target, or target
             classes that no source name provides.
     """
-    check_unique_names(target_names, what="the protocol's class list")
-    check_unique_names(source_names, what=what)
+    check_unique_names(target_names, source="the protocol's class list")
+    check_unique_names(source_names, source=source)
     alias_keys = {normalize_class_name(k): v for k, v in (aliases or {}).items()}
     target_ids = {normalize_class_name(name): i for i, name in enumerate(target_names)}
     mapping = np.full(len(source_names), -1, dtype=np.int64)
@@ -98,17 +98,17 @@ def match_class_names(
             problems.append(f"class names not in the protocol: {', '.join(hints)}")
         if missing:
             problems.append(
-                f"protocol classes not found in {what}: "
+                f"protocol classes not found in {source}: "
                 f"{_listing([target_names[i] for i in missing])}"
             )
         raise ValueError(
-            f"The class names of {what} do not match the protocol's {len(target_names)} "
+            f"The class names of {source} do not match the protocol's {len(target_names)} "
             f"classes; {'; '.join(problems)}."
         )
     return mapping
 
 
-def check_labels(labels: np.ndarray, class_names: Sequence[str], *, what: str) -> None:
+def check_labels(labels: np.ndarray, class_names: Sequence[str], *, source: str) -> None:
     """Check that integer labels cover exactly 0..C-1, each class at least once.
 
     Raises:
@@ -118,24 +118,24 @@ def check_labels(labels: np.ndarray, class_names: Sequence[str], *, what: str) -
     labels = np.asarray(labels)
     num_classes = len(class_names)
     if len(labels) == 0:
-        raise ValueError(f"{what} has no images.")
+        raise ValueError(f"{source} has no images.")
     low, high = int(labels.min()), int(labels.max())
     if low >= 1 and high == num_classes:
         raise ValueError(
-            f"The labels of {what} run {low}..{high} for {num_classes} classes; they look "
+            f"The labels of {source} run {low}..{high} for {num_classes} classes; they look "
             "1-based. Subtract 1 so they run 0..C-1 (for numbered class folders, pass "
             "label_offset=1)."
         )
     if low < 0 or high >= num_classes:
         outside = np.unique(labels[(labels < 0) | (labels >= num_classes)])
         raise ValueError(
-            f"The labels of {what} must lie in 0..{num_classes - 1} for {num_classes} classes; "
+            f"The labels of {source} must lie in 0..{num_classes - 1} for {num_classes} classes; "
             f"found {_listing(outside.tolist())}."
         )
     counts = np.bincount(labels, minlength=num_classes)
     missing = np.flatnonzero(counts == 0)
     if len(missing):
         raise ValueError(
-            f"{what} has no image of {len(missing)} of its {num_classes} classes: "
+            f"{source} has no image of {len(missing)} of its {num_classes} classes: "
             f"{_listing([f'{i}: {class_names[i]}' for i in missing])}."
         )

@@ -81,7 +81,7 @@ def _folder_labels(
     folder_ids: np.ndarray,
     class_names: Sequence[str],
     *,
-    what: str,
+    source: str,
     aliases: Mapping[str, str] | None,
     label_offset: int,
 ) -> np.ndarray:
@@ -89,9 +89,9 @@ def _folder_labels(
         # Numbered folders are class ids; check_labels explains ids that look 1-based.
         ids = np.asarray([int(folder) - label_offset for folder in folders], dtype=np.int64)
         labels = ids[folder_ids]
-        labels_lib.check_labels(labels, class_names, what=what)
+        labels_lib.check_labels(labels, class_names, source=source)
         return labels
-    mapping = labels_lib.match_class_names(folders, class_names, what=what, aliases=aliases)
+    mapping = labels_lib.match_class_names(folders, class_names, source=source, aliases=aliases)
     return mapping[folder_ids]
 
 
@@ -133,7 +133,7 @@ def read_image_folder(
             )
         folders = next(iter(folder_sets.values()))
         class_names = tuple(name.replace("_", " ") for name in folders)
-        labels_lib.check_unique_names(class_names, what=f"the class folders of {root}")
+        labels_lib.check_unique_names(class_names, source=f"the class folders of {root}")
     class_names = tuple(class_names)
     splits = {}
     for split, (folders, paths, folder_ids) in scanned.items():
@@ -141,7 +141,7 @@ def read_image_folder(
             folders,
             folder_ids,
             class_names,
-            what=f"the class folders of {layout[split]}",
+            source=f"the class folders of {layout[split]}",
             aliases=aliases,
             label_offset=label_offset,
         )
@@ -187,7 +187,7 @@ def read_cub(root: str | os.PathLike) -> tuple[tuple[str, ...], dict[str, FileSp
             "CUB_200_2011 (extracted from CUB_200_2011.tgz)."
         )
     class_names = cub_class_names(base / "classes.txt")
-    labels_lib.check_unique_names(class_names, what=f"{base / 'classes.txt'}")
+    labels_lib.check_unique_names(class_names, source=f"{base / 'classes.txt'}")
     images = dict(line.split(maxsplit=1) for line in _read_lines(base / "images.txt"))
     class_ids = dict(line.split() for line in _read_lines(base / "image_class_labels.txt"))
     is_train = dict(line.split() for line in _read_lines(base / "train_test_split.txt"))
@@ -211,7 +211,7 @@ def read_cub(root: str | os.PathLike) -> tuple[tuple[str, ...], dict[str, FileSp
     result = {}
     for split, (paths, split_labels) in splits.items():
         split_labels = np.asarray(split_labels, dtype=np.int64)
-        labels_lib.check_labels(split_labels, class_names, what=f"CUB {split}")
+        labels_lib.check_labels(split_labels, class_names, source=f"CUB {split}")
         _check_exist(paths)
         result[split] = FileSplit(paths, split_labels)
     return class_names, result
@@ -241,7 +241,7 @@ def read_dtd(
     for split, names in parts.items():
         relative = [line for name in names for line in _read_lines(base / "labels" / name)]
         folders = sorted({line.split("/")[0] for line in relative})
-        mapping = labels_lib.match_class_names(folders, class_names, what=f"DTD {split} folders")
+        mapping = labels_lib.match_class_names(folders, class_names, source=f"DTD {split} folders")
         folder_id = {folder: i for i, folder in enumerate(folders)}
         labels = np.asarray([mapping[folder_id[line.split("/")[0]]] for line in relative])
         paths = [os.fspath(base / "images" / line) for line in relative]
@@ -265,7 +265,7 @@ def read_flowers102(
     image_labels = np.asarray(scipy.io.loadmat(base / "imagelabels.mat")["labels"]).reshape(-1)
     set_ids = scipy.io.loadmat(base / "setid.mat")
     # The .mat labels are 1-based in the protocol's class order.
-    labels_lib.check_labels(image_labels - 1, class_names, what=f"{base / 'imagelabels.mat'}")
+    labels_lib.check_labels(image_labels - 1, class_names, source=f"{base / 'imagelabels.mat'}")
     keys = {"train": "trnid", "val": "valid", "test": "tstid"}
     parts = {"train": _train_files(train_split, keys), "test": [keys["test"]]}
     result = {}
@@ -273,7 +273,7 @@ def read_flowers102(
         ids = np.concatenate([np.asarray(set_ids[key]).reshape(-1) for key in names])
         paths = [os.fspath(base / "jpg" / f"image_{int(i):05d}.jpg") for i in ids]
         labels = (image_labels[ids - 1] - 1).astype(np.int64)
-        labels_lib.check_labels(labels, class_names, what=f"Flowers102 {split}")
+        labels_lib.check_labels(labels, class_names, source=f"Flowers102 {split}")
         _check_exist(paths)
         result[split] = FileSplit(paths, labels)
     return result
@@ -312,7 +312,7 @@ def read_fgvc_aircraft(
                 entries.append(match.groups())
         variants = sorted({variant for _, variant in entries})
         mapping = labels_lib.match_class_names(
-            variants, class_names, what=f"FGVC-Aircraft {split} variants"
+            variants, class_names, source=f"FGVC-Aircraft {split} variants"
         )
         variant_id = {variant: i for i, variant in enumerate(variants)}
         labels = np.asarray([mapping[variant_id[variant]] for _, variant in entries])

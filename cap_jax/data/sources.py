@@ -21,6 +21,13 @@ stratified, with `test_fraction` and `split_seed`.
 NOTE: that split is ours. It is not the split files of the PyTorch reference, so test accuracies
 on these datasets are comparable in distribution only, not image for image.
 
+NOTE: the unlabeled pool is the source's train split by default (`train_split="trainval"` adds
+the validation split). Which of the two the PyTorch reference used for DTD, Flowers102 and
+FGVC-Aircraft is not confirmed here. DTD uses fold 1 of its ten folds, as tfds does.
+
+Opening a tfds split parses every record once to collect the labels (the images stay encoded),
+which takes one pass over the files.
+
 Images are decoded lazily. An unreadable or truncated image raises `ImageReadError` with its
 path (or tfds record) when it is read. With `skip_bad_images=True` every image is decoded once at
 load time and the bad ones are dropped, each logged as a warning. That costs one full pass over
@@ -132,7 +139,7 @@ def holdout_split(
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def _drop_unreadable(dataset: ImageDataset, *, what: str) -> ImageDataset:
+def _drop_unreadable(dataset: ImageDataset, *, source: str) -> ImageDataset:
     """Decode every image once and drop those that fail, logging each skipped one."""
     images = dataset.images
     if isinstance(images, np.ndarray):
@@ -142,7 +149,7 @@ def _drop_unreadable(dataset: ImageDataset, *, what: str) -> ImageDataset:
         try:
             images[index]
         except ImageReadError as error:
-            logger.warning("Skipping unreadable image in %s: %s", what, error)
+            logger.warning("Skipping unreadable image in %s: %s", source, error)
             return False
         return True
 
@@ -151,7 +158,7 @@ def _drop_unreadable(dataset: ImageDataset, *, what: str) -> ImageDataset:
         keep = np.fromiter(pool.map(readable, range(len(dataset))), dtype=bool, count=len(dataset))
     if keep.all():
         return dataset
-    logger.warning("Skipped %d of %d images in %s.", int((~keep).sum()), len(dataset), what)
+    logger.warning("Skipped %d of %d images in %s.", int((~keep).sum()), len(dataset), source)
     return dataset.subset(np.flatnonzero(keep))
 
 
@@ -159,7 +166,7 @@ def _tfds_split(
     version_dir: Path, split: str, name: str, class_names: Sequence[str] | None
 ) -> tuple[tuple[str, ...], ImageDataset]:
     images, example, features = tfds_source.open_prepared_split(version_dir, split)
-    what = f"tfds {TFDS_NAMES[name]} split {split!r}"
+    source = f"tfds {TFDS_NAMES[name]} split {split!r}"
     # Reading the labels parses every record once; the images stay encoded.
     records = [example(i) for i in range(len(images))]
     source_labels = np.asarray([record["label"] for record in records], dtype=np.int64)
@@ -172,16 +179,16 @@ def _tfds_split(
             names[int(label)] = text.decode() if isinstance(text, bytes) else str(text)
         if class_names is None:
             if sorted(names) != list(range(len(names))):
-                raise ValueError(f"{what}: CUB label ids are not contiguous from 0.")
+                raise ValueError(f"{source}: CUB label ids are not contiguous from 0.")
             class_names = tuple(names[i].replace("_", " ") for i in range(len(names)))
         labels = source_labels
     else:
         source_names = list(features["label"].names)
         mapping = labels_lib.match_class_names(
-            source_names, class_names, what=what, aliases=CLASS_ALIASES.get(name)
+            source_names, class_names, source=source, aliases=CLASS_ALIASES.get(name)
         )
         labels = mapping[source_labels]
-    labels_lib.check_labels(labels, class_names, what=what)
+    labels_lib.check_labels(labels, class_names, source=source)
     return tuple(class_names), ImageDataset(class_names, images, labels)
 
 
@@ -203,16 +210,16 @@ def _load_tfds(
         return None
     table = _TFDS_SPLITS[name]
     if "pool" in table:
-        wanted = {"pool": table["pool"]}
+        requested = {"pool": table["pool"]}
     else:
         if train_split not in table:
             raise ValueError(
                 f"train_split {train_split!r} is not available for {name}; choose from "
                 f"{sorted(k for k in table if k != 'test')}."
             )
-        wanted = {"train": table[train_split], "test": table["test"]}
+        requested = {"train": table[train_split], "test": table["test"]}
     splits = {}
-    for key, split in wanted.items():
+    for key, split in requested.items():
         class_names, splits[key] = _tfds_split(version_dir, split, name, class_names)
     return splits
 
@@ -312,8 +319,8 @@ def load_dataset(
         `ClassificationData` whose `train` is the unlabeled pool and `test` the evaluation split.
 
     Raises:
-        FileNotFoundError: the data is not found; the message says where it was looked for and
-            how to provide it.
+        FileNotFoundError: the data is not found. The message lists the places searched and how
+            to provide the data.
         ValueError: class names or labels that do not match the protocol, naming what is off.
     """
     if source not in ("auto", "idx", "tfds", "folder"):
@@ -377,5 +384,5 @@ def load_dataset(
             )
             splits[split] = splits[split].subset(keep)
         if skip_bad_images:
-            splits[split] = _drop_unreadable(splits[split], what=f"{name} {split}")
+            splits[split] = _drop_unreadable(splits[split], source=f"{name} {split}")
     return ClassificationData(name, tuple(class_names), splits["train"], splits["test"])

@@ -15,8 +15,8 @@ the tfds builders used here (eurosat, dtd, oxford_flowers102, caltech_birds2011,
 `tf.io.gfile`. Prepare once where TensorFlow is installed, preferably with
 `file_format="array_record"`, or read the original archives through `cap_jax.data.sources`.
 
-Images are never decoded by tfds here: the image feature is read as encoded bytes and decoded
-with PIL into uint8 RGB, so grey and RGB sources come out alike and a bad record raises
+Images are never decoded by tfds here. The image feature is read as encoded bytes and decoded
+with PIL into uint8 RGB, so grey and RGB sources come out alike. A bad record raises
 `ImageReadError` naming the dataset, split and record index.
 """
 
@@ -292,7 +292,8 @@ def prepare(
     """Download and prepare a tfds dataset in the `array_record` format.
 
     The tfds builders used here read their downloads with `tf.io.gfile`, so this step needs
-    TensorFlow (and tfds' optional `importlib_resources`). Without them, the error says so.
+    TensorFlow (and tfds' optional `importlib_resources`). Without them it raises a RuntimeError
+    that names the missing module and the ways around it.
     """
     tfds = _import_tfds()
     builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")

@@ -7,6 +7,10 @@ images, so outputs match the PyTorch pipeline that runs torchvision on PIL image
 
 Grey images are resized in PIL's "L" mode and then repeated into three channels, which gives the
 same pixels as converting to RGB first (PIL resamples each channel alike) at a third of the cost.
+
+Throughput, measured on one thread of the 2-core development machine (shared with other jobs) for
+32-image batches of 28x28 Fashion-MNIST to 224x224: about 600 images/s for `clip_preprocess` and
+400 images/s for `strong_augment`. Treat these as estimates.
 """
 
 from __future__ import annotations
