@@ -119,7 +119,7 @@ def zero_shot_pass(model: Any, split: Any, class_names: list[str], *, template: 
     num_devices = jax.local_device_count()
     batch_size = max(num_devices, batch_size - batch_size % num_devices)
     texts = [template.format(name) for name in class_names]
-    text_features = np.asarray(model.encode_texts(texts), np.float32)
+    text_features = np.array(model.encode_texts(texts), np.float32)
     text_features /= np.linalg.norm(text_features, axis=-1, keepdims=True)
     module, params = model.module, model.params
     params_r = train_lib.replicate(params)
@@ -306,7 +306,7 @@ def _run(config, workdir, *, progress, data, model):
 
         data = sources.load_dataset(
             config.dataset, root=config.data_root, train_subset=config.train_subset,
-            test_subset=config.test_subset, seed=config.seed,
+            test_subset=config.test_subset, subset_seed=config.seed,
             skip_bad_images=config.skip_bad_images)
     class_names = list(data.class_names)
     num_classes = len(class_names)
@@ -421,8 +421,14 @@ def _run(config, workdir, *, progress, data, model):
         return evaluate(steps, frozen_r, params_r, test_source, np.asarray(data.test.labels),
                         batch_size=eval_batch, seen=paradigm.seen)
 
+    last_evaluation: dict[str, Any] = {}
+
     def on_epoch_end(state_r, next_loop_state, record):
         record = _json_safe(record)
+        if "test_accuracy" in record:
+            last_evaluation.clear()
+            last_evaluation.update(
+                {k: v for k, v in record.items() if k.startswith("test_")}, epoch=record["epoch"])
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         checkpointer.save(train_lib.unreplicate(state_r), next_loop_state)
@@ -441,10 +447,13 @@ def _run(config, workdir, *, progress, data, model):
         prefetch=lambda it: prefetch(it, size=2), progress=progress)
     checkpointer.close()
 
-    final = evaluate_fn(state_r.params)
+    if last_evaluation.get("epoch") == config.epochs - 1:
+        final = {k: v for k, v in last_evaluation.items() if k != "epoch"}
+    else:
+        final = evaluate_fn(state_r.params)
     results = {
         "name": config.name, "paradigm": config.paradigm, "dataset": data.name,
-        "model": model.name, "random_weights": bool(model.is_random),
+        "model": model.name, "random_weights": bool(model.is_random), "seed": config.seed,
         "num_classes": num_classes, "class_names": class_names,
         "train_images": len(data.train), "test_images": len(data.test),
         "epochs": config.epochs, "training_seconds": time.time() - started,

@@ -313,8 +313,11 @@ def compile_steps(*, towers: Any, tx: optax.GradientTransformation, threshold: f
 
     image_features = jax.pmap(image_fn, axis_name=AXIS_NAME, static_broadcasted_argnums=(3,),
                               devices=devices)
-    text_features = jax.pmap(
-        functools.partial(text_features_step, towers=towers, adapter_ratio=adapter_ratio),
-        axis_name=AXIS_NAME, static_broadcasted_argnums=(2,), devices=devices)
+    def text_fn(frozen, params, use_adapter):
+        return text_features_step(frozen, params, towers=towers, use_adapter=use_adapter,
+                                  adapter_ratio=adapter_ratio)
+
+    text_features = jax.pmap(text_fn, axis_name=AXIS_NAME, static_broadcasted_argnums=(2,),
+                             devices=devices)
     return CompiledSteps(train=train, image_features=image_features, text_features=text_features,
                          num_devices=len(devices))
