@@ -117,7 +117,12 @@ def epoch_batches(source: ImageSource, streams: Streams, leaderboard: np.ndarray
     """Yield the host batches of one epoch: main samples, unlabeled weak/strong, labeled."""
     rng = np.random.default_rng([settings.seed, epoch])
     main_rng, unlabeled_rng, labeled_rng = rng.spawn(3)
-    main_ids, main_labels = board_members(leaderboard)
+    main_board = leaderboard
+    if streams.seen is not None:
+        # Seen classes' boards hold labeled images for the prototypes only; those images train
+        # through the labeled stream.
+        main_board = np.where(streams.seen[:, None], -1, leaderboard)
+    main_ids, main_labels = board_members(main_board)
     if main_ids.size == 0:
         raise ValueError("the main-sample leaderboard is empty: no class has a main sample")
     batch = settings.batch_size

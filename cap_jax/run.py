@@ -354,7 +354,11 @@ def _run(config, workdir, *, progress, data, model):
         from cap_jax import alignment
 
         board, concepts_report = alignment.align_leaderboard(
-            config, model, zero_shot["train"], board, class_names, paradigm, workdir)
+            config, model, zero_shot["train"], board, class_names, paradigm, workdir,
+            dataset_name=data.name)
+    with open(os.path.join(workdir, "initial_leaderboard.json"), "w") as f:
+        json.dump({name: [int(i) for i in row if i >= 0] for name, row in zip(class_names, board)},
+                  f, indent=1)
     log.info("initial leaderboard: %d main samples, %.3f of them correct",
              int((board >= 0).sum()),
              float(np.mean(train_labels[board[board >= 0]] ==
