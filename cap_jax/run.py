@@ -266,6 +266,20 @@ def _check_saved_config(config: config_lib.RunConfig, path: str) -> None:
             f"config, or use another --workdir")
 
 
+def memory_usage() -> dict[str, float]:
+    """Resident memory of this process now and at its peak, in GB (Linux)."""
+    import resource
+
+    usage = {"peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+        usage["memory_gb"] = resident_pages * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    return usage
+
+
 def default_cache_dir() -> str:
     return os.environ.get("CAP_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
                                                         "cap_jax"))
@@ -428,7 +442,7 @@ def _run(config, workdir, *, progress, data, model):
     last_evaluation: dict[str, Any] = {}
 
     def on_epoch_end(state_r, next_loop_state, record):
-        record = _json_safe(record)
+        record = _json_safe(dict(record, **memory_usage()))
         if "test_accuracy" in record:
             last_evaluation.clear()
             last_evaluation.update(
