@@ -50,7 +50,7 @@ import json
 import logging
 import math
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,13 +72,18 @@ __all__ = [
     "FeatureSource",
     "Method",
     "METHODS",
+    "StepCache",
+    "method_by_name",
     "make_world",
     "init_prompts",
     "zero_shot_probabilities",
     "detect_mismatched",
     "align_leaderboard",
+    "confident_counts",
     "run_method",
     "summarize",
+    "markdown_table",
+    "csv_rows",
     "load_config",
 ]
 
@@ -478,27 +483,11 @@ class StepCache:
     def get(self, threshold: float, shared_adapter: bool) -> train_lib.CompiledSteps:
         key = (float(threshold), bool(shared_adapter))
         if key not in self._steps:
-            steps = train_lib.compile_steps(
+            self._steps[key] = train_lib.compile_steps(
                 towers=self.towers, tx=self.tx, threshold=threshold,
                 adapter_ratio=self.config.adapter_ratio, shared_adapter=shared_adapter,
                 devices=self.devices)
-            self._steps[key] = dataclasses.replace(
-                steps, text_features=self._text_features_pmap())
         return self._steps[key]
-
-    def _text_features_pmap(self) -> Callable:
-        # TODO: drop this once `train.compile_steps` passes `use_adapter` by keyword. Its text
-        # pmap passes it as a third positional argument to `text_features_step`, where it is
-        # keyword-only, so the loop's margin (and every caller) raises TypeError.
-        ratio = self.config.adapter_ratio
-        towers = self.towers
-
-        def text_fn(frozen, params, use_adapter):
-            return train_lib.text_features_step(frozen, params, towers=towers,
-                                                use_adapter=use_adapter, adapter_ratio=ratio)
-
-        return jax.pmap(text_fn, axis_name=train_lib.AXIS_NAME, static_broadcasted_argnums=(2,),
-                        devices=self.devices)
 
 
 def _batch_for(num_devices: int, size: int) -> int:
