@@ -14,7 +14,9 @@ the module's dtype; features are float32.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,9 +92,13 @@ def init_prompt_params(
         raise ValueError(f"depth must be in [1, {max_depth}] for this model, got {depth}")
     if n_ctx < 1:
         raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
-    text_width, vision_width = config.text_width, config.vision_width
-    keys = jax.random.split(rng, 6)
-
+    params = _random_prompt_params(
+        rng,
+        n_ctx=n_ctx,
+        depth=depth,
+        text_width=config.text_width,
+        vision_width=config.vision_width,
+    )
     if ctx_init:
         token_ids = model.tokenize([ctx_init])
         num_words = int(np.argmax(token_ids[0] == config.eot_token_id)) - 1
@@ -100,23 +106,26 @@ def init_prompt_params(
             raise ValueError(
                 f"ctx_init {ctx_init!r} has {num_words} tokens, fewer than n_ctx={n_ctx}"
             )
-        embeddings = model.module.apply(
-            {"params": model.params}, jnp.asarray(token_ids), method=CLIP.embed_tokens
-        )
-        ctx = embeddings[0, 1 : 1 + n_ctx]
-    else:
-        ctx = 0.02 * jax.random.normal(keys[0], (n_ctx, text_width), jnp.float32)
+        params["ctx"] = model.embed_tokens(token_ids)[0, 1 : 1 + n_ctx]
+    return params
 
-    deep_shape = (depth - 1, n_ctx, text_width)
+
+@functools.partial(jax.jit, static_argnames=("n_ctx", "depth", "text_width", "vision_width"))
+def _random_prompt_params(
+    rng: jax.Array, *, n_ctx: int, depth: int, text_width: int, vision_width: int
+) -> PromptParams:
+    """Sample every prompt parameter; ``ctx`` is normal with std 0.02."""
+    keys = jax.random.split(rng, 6)
     deep_kernel = _torch_linear_init(keys[4], text_width, (text_width, vision_width))
     deep_bias = _torch_linear_init(keys[5], text_width, (vision_width,))
     return {
-        "ctx": jnp.asarray(ctx, jnp.float32),
+        "ctx": 0.02 * jax.random.normal(keys[0], (n_ctx, text_width), jnp.float32),
         "proj": {
             "kernel": _torch_linear_init(keys[1], text_width, (text_width, vision_width)),
             "bias": _torch_linear_init(keys[2], text_width, (vision_width,)),
         },
-        "deep_text": 0.02 * jax.random.normal(keys[3], deep_shape, jnp.float32),
+        "deep_text": 0.02 * jax.random.normal(keys[3], (depth - 1, n_ctx, text_width)),
+        # MaPLe clones one projection layer, so the deep projections start equal.
         "deep_proj": {
             "kernel": jnp.tile(deep_kernel, (depth - 1, 1, 1)),
             "bias": jnp.tile(deep_bias, (depth - 1, 1)),
@@ -157,9 +166,7 @@ def class_prompt_inputs(
             f"the prompts of classes {too_short} have at most n_ctx={n_ctx} tokens, so the "
             f"context would replace all of them; use a longer template than {template!r}"
         )
-    embeddings = model.module.apply(
-        {"params": model.params}, jnp.asarray(token_ids), method=CLIP.embed_tokens
-    )
+    embeddings = model.embed_tokens(token_ids)
     return PromptInputs(
         token_ids=jnp.asarray(token_ids),
         prefix=embeddings[:, :1],

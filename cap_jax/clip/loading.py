@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,9 @@ import safetensors
 import safetensors.numpy
 import transformers
 
-from cap_jax.clip import state_dicts, tokenizer as tokenization
-from cap_jax.clip.model import CLIP, CLIPConfig
+from cap_jax.clip import state_dicts
+from cap_jax.clip import tokenizer as tokenization
+from cap_jax.clip.model import CLIP, CLIPConfig, init_params
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +129,15 @@ class CLIPModel:
         self.is_random = is_random
         self.name = name
         self._encode_images = jax.jit(
-            lambda params, images: module.apply({"params": params}, images, method=CLIP.encode_image)
+            lambda params, images: module.apply(
+                {"params": params}, images, method=CLIP.encode_image
+            )
         )
         self._encode_texts = jax.jit(
             lambda params, ids: module.apply({"params": params}, ids, method=CLIP.encode_text)
+        )
+        self._embed_tokens = jax.jit(
+            lambda params, ids: module.apply({"params": params}, ids, method=CLIP.embed_tokens)
         )
 
     def __repr__(self) -> str:
@@ -150,6 +157,10 @@ class CLIPModel:
             self.tokenizer, texts, context_length=self.config.context_length
         )
 
+    def embed_tokens(self, token_ids: Any) -> jax.Array:
+        """Look up token embeddings: int ``[N, L]`` -> float32 ``[N, L, Wt]``."""
+        return self._embed_tokens(self.params, jnp.asarray(token_ids))
+
     def encode_images(self, images: Any) -> jax.Array:
         """Encode CLIP-normalised images ``[B, H, W, 3]``: float32 ``[B, D]``, not normalised."""
         return self._encode_images(self.params, jnp.asarray(images))
@@ -157,14 +168,6 @@ class CLIPModel:
     def encode_texts(self, texts: Sequence[str] | str) -> jax.Array:
         """Encode texts without prompts: float32 ``[N, D]``, not normalised."""
         return self._encode_texts(self.params, jnp.asarray(self.tokenize(texts)))
-
-
-def init_random_params(config: CLIPConfig, *, seed: int = 0) -> dict[str, Any]:
-    """Initialise ``CLIP(config)`` parameters with CLIP's initialisation scheme."""
-    images = jnp.zeros((1, config.image_resolution, config.image_resolution, 3), jnp.float32)
-    token_ids = jnp.zeros((1, config.context_length), jnp.int32)
-    variables = jax.jit(CLIP(config).init)(jax.random.key(seed), images, token_ids)
-    return variables["params"]
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
@@ -379,7 +382,7 @@ def _load_random(arch: str, *, dtype: Any, seed: int, name: str) -> CLIPModel:
     return CLIPModel(
         config=config,
         module=CLIP(config, dtype=dtype),
-        params=init_random_params(config, seed=seed),
+        params=init_params(config, seed=seed),
         tokenizer=tokenizer,
         is_random=True,
         name=name,
@@ -413,9 +416,10 @@ def load(name_or_path: str | Path, *, dtype: Any = jnp.float32, seed: int = 0) -
     """Load a CLIP model with its tokenizer.
 
     Args:
-        name_or_path: ``"random:tiny"``, ``"random:ViT-B/32"``, ``"random:ViT-B/16"`` or
-            ``"random:ViT-L/14"`` (random weights); a local Hugging Face CLIP directory; a
-            ``.safetensors`` or ``.npz`` file with an OpenAI CLIP state dict; or a Hugging Face
+        name_or_path: one of
+            ``"random:tiny"``, ``"random:ViT-B/32"``, ``"random:ViT-B/16"``,
+            ``"random:ViT-L/14"`` (random weights), a local Hugging Face CLIP directory, a
+            ``.safetensors`` or ``.npz`` file with an OpenAI CLIP state dict, or a Hugging Face
             Hub id.
         dtype: activation dtype, ``jnp.float32`` or ``jnp.bfloat16``. Parameters stay float32.
         seed: seed of the random weights; ignored for pretrained weights.

@@ -29,13 +29,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
+
+# CLIP's initialisation scale for the text token and position embeddings.
+TOKEN_EMBEDDING_STD = 0.02
+TEXT_POSITION_STD = 0.01
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -159,7 +166,7 @@ class MultiHeadAttention(nn.Module):
         head_dim = width // self.num_heads
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
 
-        # [B, T, W] @ [W, 3W] -> [B, T, 3W]; the last axis holds q, k, v, each split into heads.
+        # [B, T, W] @ [W, 3W] -> [B, T, 3W]: q, k and v along the last axis, each split into heads.
         qkv = dense(3 * width, kernel_init=nn.initializers.normal(self.qkv_std), name="qkv")(x)
         qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H] each
@@ -168,7 +175,7 @@ class MultiHeadAttention(nn.Module):
         if query_index is not None:
             query = _select_positions(query, query_index)  # [B, 1, N, H]
             if is_causal:
-                # One query at position p sees keys 0..p, which is a key-length mask.
+                # A causal query at position p attends to keys 0..p, so a key-length mask does the job.
                 key_lengths = jnp.asarray(query_index, jnp.int32) + 1
                 key_lengths = jnp.broadcast_to(key_lengths, (batch,))
                 is_causal = False
@@ -205,6 +212,12 @@ class MLP(nn.Module):
         return dense(width, kernel_init=nn.initializers.normal(self.fc2_std), name="fc2")(h)
 
 
+def block_init_stds(width: int, num_layers: int) -> dict[str, float]:
+    """Return CLIP's init std of each kernel of a block; residual outputs shrink with depth."""
+    out_std = width**-0.5 * (2 * num_layers) ** -0.5
+    return {"qkv": width**-0.5, "out": out_std, "fc1": (2 * width) ** -0.5, "fc2": out_std}
+
+
 class ResidualBlock(nn.Module):
     """Pre-LayerNorm transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
 
@@ -228,25 +241,23 @@ class ResidualBlock(nn.Module):
         With ``pool_index`` (an int, or ``[B]`` ints) only that position of each row is updated
         and returned, as ``[B, 1, W]``.
         """
-        width = x.shape[-1]
-        # CLIP's initialisation: residual-branch outputs shrink with depth.
-        attn_std = width**-0.5
-        out_std = width**-0.5 * (2 * self.num_layers) ** -0.5
-        fc1_std = (2 * width) ** -0.5
+        stds = block_init_stds(x.shape[-1], self.num_layers)
         layer_norm = functools.partial(
             nn.LayerNorm, epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32
         )
 
         h = layer_norm(name="ln_1")(x)
         h = MultiHeadAttention(
-            self.num_heads, attn_std, out_std, dtype=self.dtype, name="attn"
+            self.num_heads, stds["qkv"], stds["out"], dtype=self.dtype, name="attn"
         )(h, is_causal=is_causal, query_index=pool_index)
         if pool_index is not None:
             x = _select_positions(x, pool_index)  # [B, 1, W]
         x = x + h
 
         h = layer_norm(name="ln_2")(x)
-        h = MLP(self.mlp_width, self.hidden_act, fc1_std, out_std, dtype=self.dtype, name="mlp")(h)
+        h = MLP(
+            self.mlp_width, self.hidden_act, stds["fc1"], stds["fc2"], dtype=self.dtype, name="mlp"
+        )(h)
         return x + h
 
 
@@ -277,8 +288,8 @@ def _check_deep_prompts(deep_prompts: jax.Array, *, layers: int, width: int, tow
         )
     if deep_prompts.shape[0] > layers - 1:
         raise ValueError(
-            f"{tower} deep_prompts has {deep_prompts.shape[0]} layers of prompts but the tower "
-            f"has only {layers - 1} blocks after the first"
+            f"{tower} deep_prompts has {deep_prompts.shape[0]} layers of prompts, but a tower of "
+            f"{layers} blocks takes at most {layers - 1} (blocks 1 to {layers - 1})"
         )
 
 
@@ -376,11 +387,13 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embed(
             c.vocab_size,
             c.text_width,
-            embedding_init=nn.initializers.normal(0.02),
+            embedding_init=nn.initializers.normal(TOKEN_EMBEDDING_STD),
             param_dtype=jnp.float32,
         )
         self.positional_embedding = self.param(
-            "positional_embedding", nn.initializers.normal(0.01), (c.context_length, c.text_width)
+            "positional_embedding",
+            nn.initializers.normal(TEXT_POSITION_STD),
+            (c.context_length, c.text_width),
         )
         self.blocks = _make_blocks(c, self.dtype, tower="text")
         self.ln_final = nn.LayerNorm(epsilon=c.layer_norm_eps, param_dtype=jnp.float32)
@@ -454,9 +467,7 @@ class CLIP(nn.Module):
     def setup(self):
         self.visual = VisionTransformer(self.config, self.dtype)
         self.text = TextTransformer(self.config, self.dtype)
-        self.logit_scale = self.param(
-            "logit_scale", nn.initializers.constant(math.log(1 / 0.07)), ()
-        )
+        self.logit_scale = self.param("logit_scale", nn.initializers.constant(LOGIT_SCALE_INIT), ())
 
     def __call__(self, images: jax.Array, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Encode images and texts; used by ``init`` to create every parameter.
@@ -515,3 +526,60 @@ class CLIP(nn.Module):
         A row without an EOT token pools at position 0.
         """
         return self.text(token_ids)
+
+
+def param_shapes(config: CLIPConfig) -> dict[str, Any]:
+    """Return the ``CLIP(config)`` parameter tree with ``jax.ShapeDtypeStruct`` leaves."""
+    images = jax.ShapeDtypeStruct(
+        (1, config.image_resolution, config.image_resolution, 3), jnp.float32
+    )
+    token_ids = jax.ShapeDtypeStruct((1, config.context_length), jnp.int32)
+    variables = jax.eval_shape(CLIP(config).init, jax.random.key(0), images, token_ids)
+    return variables["params"]
+
+
+def _init_std(config: CLIPConfig, keys: list[str], shape: tuple[int, ...]) -> float:
+    """Return the init std of the normally distributed parameter at ``keys``."""
+    tower, name = keys[0], keys[-1]
+    width = config.vision_width if tower == "visual" else config.text_width
+    layers = config.vision_layers if tower == "visual" else config.text_layers
+    if len(keys) >= 3 and keys[1].startswith("blocks_"):
+        return block_init_stds(width, layers)[keys[-2]]
+    if name == "embedding":
+        return TOKEN_EMBEDDING_STD
+    if tower == "text" and name == "positional_embedding":
+        return TEXT_POSITION_STD
+    if keys[-2:] == ["patch_embedding", "kernel"]:
+        return float(np.prod(shape[:-1])) ** -0.5  # LeCun normal over the patch pixels
+    return width**-0.5  # class and position embeddings of the image tower, projections
+
+
+def init_params(config: CLIPConfig, *, seed: int = 0) -> dict[str, Any]:
+    """Sample ``CLIP(config)`` parameters with numpy, following the module's initialisers.
+
+    Kernels and embeddings are normal with CLIP's standard deviations, LayerNorm scales are 1,
+    biases 0 and the logit scale ``log(1 / 0.07)``. Sampling with numpy avoids compiling
+    ``CLIP.init``, which takes tens of seconds for ViT-B/32 on a CPU, and gives the same values
+    on every platform for a given seed. The patch kernel is plain normal where ``CLIP.init``
+    uses a truncated normal of the same scale.
+
+    Returns:
+        The inner parameter dict of ``CLIP(config)``, float32 jax arrays.
+    """
+    rng = np.random.default_rng(seed)
+
+    def sample(path, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        keys = [entry.key for entry in path]
+        if keys == ["logit_scale"]:
+            value = np.full(leaf.shape, LOGIT_SCALE_INIT, np.float32)
+        elif keys[-1] == "scale":
+            value = np.ones(leaf.shape, np.float32)
+        elif keys[-1] == "bias":
+            value = np.zeros(leaf.shape, np.float32)
+        else:
+            std = _init_std(config, keys, leaf.shape)
+            value = rng.standard_normal(leaf.shape, dtype=np.float32)
+            value *= np.float32(std)
+        return jnp.asarray(value)
+
+    return jax.tree_util.tree_map_with_path(sample, param_shapes(config))

@@ -8,21 +8,22 @@ Three naming schemes are read:
 * Hugging Face transformers ``CLIPModel`` (``vision_model.*``, ``text_model.*``,
   ``visual_projection.weight``, ...), whose sizes come from ``config.json``.
 
-PyTorch linear weights are ``[out, in]`` and become Flax kernels ``[in, out]``; the patch
-convolution ``[W, 3, p, p]`` becomes ``[p, p, 3, W]``; OpenAI's ``in_proj_weight`` already stacks
-q, k and v like the fused ``qkv`` kernel. Every array is converted to float32.
+PyTorch linear weights are ``[out, in]`` and become Flax kernels ``[in, out]``. The patch
+convolution ``[W, 3, p, p]`` becomes ``[p, p, 3, W]``. OpenAI's ``in_proj_weight`` already stacks
+q, k and v in the order of the fused ``qkv`` kernel. Every array is converted to float32.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cap_jax.clip.model import CLIP, CLIPConfig
+from cap_jax.clip.model import CLIPConfig, param_shapes
 
 Params = dict[str, Any]
 
@@ -75,7 +76,10 @@ def _openai_block(sd: _StateDict, prefix: str) -> Params:
             "out": _linear(sd, f"{prefix}.attn.out_proj"),
         },
         "ln_2": _layer_norm(sd, f"{prefix}.ln_2"),
-        "mlp": {"fc1": _linear(sd, f"{prefix}.mlp.c_fc"), "fc2": _linear(sd, f"{prefix}.mlp.c_proj")},
+        "mlp": {
+            "fc1": _linear(sd, f"{prefix}.mlp.c_fc"),
+            "fc2": _linear(sd, f"{prefix}.mlp.c_proj"),
+        },
     }
 
 
@@ -213,19 +217,9 @@ def _hf_params(sd: _StateDict, config: CLIPConfig) -> Params:
     }
 
 
-def expected_param_shapes(config: CLIPConfig) -> Params:
-    """Return the ``CLIP(config)`` parameter tree as ``jax.ShapeDtypeStruct`` leaves."""
-    images = jax.ShapeDtypeStruct(
-        (1, config.image_resolution, config.image_resolution, 3), jnp.float32
-    )
-    token_ids = jax.ShapeDtypeStruct((1, config.context_length), jnp.int32)
-    variables = jax.eval_shape(CLIP(config).init, jax.random.key(0), images, token_ids)
-    return variables["params"]
-
-
 def _finalize(params: Params, config: CLIPConfig, *, source: str) -> Params:
     """Check ``params`` against the shapes that ``CLIP(config)`` expects; return jax arrays."""
-    expected = expected_param_shapes(config)
+    expected = param_shapes(config)
     expected_paths = {jax.tree_util.keystr(p): s.shape for p, s in _leaves(expected)}
     actual_paths = {jax.tree_util.keystr(p): np.shape(a) for p, a in _leaves(params)}
     problems = [
@@ -313,7 +307,9 @@ def load_prompt_state_dict(
     n_ctx, text_width = ctx.shape
     vision_width = proj["bias"].shape[0]
     deep_text = [sd(f"{prefix}compound_prompts_text.{i}") for i in range(depth_minus_1)]
-    deep_proj = [_linear(sd, f"{prefix}compound_prompt_projections.{i}") for i in range(depth_minus_1)]
+    deep_proj = [
+        _linear(sd, f"{prefix}compound_prompt_projections.{i}") for i in range(depth_minus_1)
+    ]
     return {
         "ctx": jnp.asarray(ctx),
         "proj": jax.tree_util.tree_map(jnp.asarray, proj),

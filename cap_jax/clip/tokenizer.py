@@ -12,8 +12,8 @@ import gzip
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import transformers
@@ -44,9 +44,9 @@ def read_openai_vocabulary(path: str | Path = VOCAB_PATH) -> tuple[dict[str, int
     """Read the OpenAI BPE file into a Hugging Face vocabulary and merge list.
 
     Returns:
-        ``(vocab, merges)``: ``vocab`` maps the 49408 tokens to ids in the order that
-        transformers' CLIP checkpoints use (byte symbols, byte symbols with ``</w>``, merged
-        pairs, SOT, EOT); ``merges`` are ``"left right"`` strings.
+        ``(vocab, merges)``. ``vocab`` maps the 49408 tokens to ids in the order of
+        transformers' CLIP checkpoints: byte symbols, byte symbols with ``</w>``, merged pairs,
+        SOT, EOT. ``merges`` are ``"left right"`` strings.
     """
     with gzip.open(path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
