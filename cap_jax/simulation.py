@@ -1,12 +1,12 @@
 """A controlled benchmark: CAP on a simulated vision-language model with known flaws.
 
-No pretrained CLIP is needed. The simulated model has unit image features in class clusters
-and class text features that are faithful for most classes, *mismatched* for a few (the text
-feature lies in the orthogonal complement of every cluster centre, so zero-shot almost never
-predicts the class) and *confused* for some pairs (two close clusters, and the text feature of
-the dominant class leans toward the other cluster, so zero-shot predicts the dominant class for
-many images of the minority class). Because the truth is known, the benchmark measures what
-each part of CAP is meant to do.
+No pretrained CLIP is needed. The simulated model has unit image features in class clusters.
+Its class text features are faithful for most classes. A few classes are *mismatched*: the
+text feature lies in the orthogonal complement of every cluster centre, so zero-shot almost
+never predicts the class. Some pairs are *confused*: two clusters lie close together, and the
+text feature of the dominant class leans toward the other cluster, so zero-shot predicts the
+dominant class for many images of the minority class. Because the truth is known, the
+benchmark measures what each part of CAP is meant to do.
 
 The frozen towers are replaced by these features (`FeatureTowers`). The trainable parts are a
 text-side context in place of the MaPLe prompts (a residual linear map and offset applied to
@@ -50,7 +50,8 @@ import json
 import logging
 import math
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,25 +67,25 @@ from cap_jax import train as train_lib
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "SimulationConfig",
-    "SimulatedWorld",
-    "FeatureTowers",
-    "FeatureSource",
-    "Method",
     "METHODS",
+    "FeatureSource",
+    "FeatureTowers",
+    "Method",
+    "SimulatedWorld",
+    "SimulationConfig",
     "StepCache",
-    "method_by_name",
-    "make_world",
-    "init_prompts",
-    "zero_shot_probabilities",
-    "detect_mismatched",
     "align_leaderboard",
     "confident_counts",
+    "csv_rows",
+    "detect_mismatched",
+    "init_prompts",
+    "load_config",
+    "make_world",
+    "markdown_table",
+    "method_by_name",
     "run_method",
     "summarize",
-    "markdown_table",
-    "csv_rows",
-    "load_config",
+    "zero_shot_probabilities",
 ]
 
 
@@ -107,8 +108,9 @@ class SimulationConfig:
       num_confused_pairs: pairs of close clusters whose zero-shot predictions favour one member.
       pair_similarity: cosine between the two cluster centres of a confused pair.
       text_pull: weight of the minority centre in the dominant member's text feature.
-      description_noise: norm of the noise on a class description feature (one per class, close
-        to the true centre; concept alignment uses those of the detected classes).
+      description_noise: norm of the noise on the description feature of a class. Every class
+        has one, close to its true centre, but concept alignment uses only those of the
+        detected classes.
       strong_noise, strong_keep: the strong view multiplies a clean feature by a random 0/1 mask
         (each coordinate kept with probability `strong_keep`), adds noise of norm
         `strong_noise` and renormalises.
@@ -182,7 +184,7 @@ class SimulationConfig:
         return dataclasses.asdict(self)
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> SimulationConfig:
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> SimulationConfig:
     """Read a `SimulationConfig` from a JSON file (or the defaults) and apply `key=value` overrides.
 
     Values of overrides are parsed as JSON when they parse. An unknown key raises ValueError.
@@ -316,7 +318,7 @@ def make_world(config: SimulationConfig, seed: int) -> SimulatedWorld:
 class FeatureTowers:
     """Simulated towers: the frozen features with a trainable residual context.
 
-    `frozen` holds `text_features` [C, D]; the "images" are image feature vectors [B, D].
+    `frozen` contains `text_features` [C, D]. The "images" are image feature vectors [B, D].
     `prompts` is the tree from `init_prompts`:
       text = t + t @ text.kernel + text.bias,   image = x + x @ image.kernel.
     """
@@ -376,7 +378,7 @@ def detect_mismatched(world: SimulatedWorld, *, logit_scale: float, seed: int = 
     """Return the classes `cap_jax.concepts.detect_mismatched_classes` flags in `world`, int [m].
 
     Detection uses the pool's image features, the frozen text features and the zero-shot
-    predictions, as a real run does; it does not depend on the method, so callers may reuse it.
+    predictions, as a real run does. It does not depend on the method, so callers may reuse it.
     """
     from cap_jax import concepts
 
@@ -468,7 +470,7 @@ def method_by_name(name: str) -> Method:
 class StepCache:
     """Compiled steps keyed by what they bind, so seeds and ablations reuse compilations."""
 
-    def __init__(self, config: SimulationConfig, devices: Optional[list] = None):
+    def __init__(self, config: SimulationConfig, devices: list | None = None):
         self.config = config
         self.devices = list(devices or jax.local_devices())
         total_steps = config.epochs * config.iterations_per_epoch
@@ -553,8 +555,8 @@ def _scores(world: SimulatedWorld, predictions: np.ndarray, pool_probs: np.ndarr
 
 
 def run_method(world: SimulatedWorld, method: Method, config: SimulationConfig, seed: int, *,
-               cache: Optional[StepCache] = None,
-               detected: Optional[np.ndarray] = None) -> dict[str, Any]:
+               cache: StepCache | None = None,
+               detected: np.ndarray | None = None) -> dict[str, Any]:
     """Train (or, for zero-shot, only score) one method on one simulated world.
 
     Args:
@@ -619,8 +621,8 @@ def run_method(world: SimulatedWorld, method: Method, config: SimulationConfig, 
     source = FeatureSource(world.train_features, config.strong_noise, config.strong_keep)
     streams = loop_lib.Streams(unlabeled_ids=np.arange(world.train_features.shape[0]),
                                pool_labels=world.train_labels)
-    # With `regrow` the loop's own update never fires after epoch 0 (it would be a no-op
-    # anyway: threshold 1 gives no candidates); the re-selection happens between segments.
+    # With `regrow` the loop's own update fires only after epoch 0, where threshold 1 gives no
+    # candidates, so it keeps the board. The re-selection happens between loop segments.
     settings = loop_lib.LoopSettings(
         epochs=config.epochs, iterations_per_epoch=config.iterations_per_epoch,
         batch_size=config.batch_size, seed=seed, n_main_samples=config.n_main_samples,
@@ -702,8 +704,8 @@ SUMMARY_METRICS = (
 def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Average each method's scores over seeds: one row per method, in `METHODS` order.
 
-    Each row holds `method`, `label`, `seeds` and `<metric>_mean` / `<metric>_std` (population
-    standard deviation over seeds, NaN-aware) for every metric of `SUMMARY_METRICS`.
+    Each row contains `method`, `label`, `seeds`, and for every metric of `SUMMARY_METRICS` its
+    `<metric>_mean` and `<metric>_std` over seeds (population standard deviation, NaN ignored).
     """
     rows = []
     for method in METHODS:

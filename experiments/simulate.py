@@ -98,13 +98,13 @@ def plot_counts(results: list[dict], world, path: str) -> None:
         epochs = np.arange(1, counts.shape[0] + 1)
         for c in range(counts.shape[1]):
             if c in mismatched:
-                style = dict(color="tab:red", lw=2.0, label="mismatched")
+                style = {"color": "tab:red", "lw": 2.0, "label": "mismatched"}
             elif c in minority:
-                style = dict(color="tab:orange", lw=2.0, label="confused, minority")
+                style = {"color": "tab:orange", "lw": 2.0, "label": "confused, minority"}
             elif c in dominant:
-                style = dict(color="tab:blue", lw=1.5, label="confused, dominant")
+                style = {"color": "tab:blue", "lw": 1.5, "label": "confused, dominant"}
             else:
-                style = dict(color="0.7", lw=0.8, label="other")
+                style = {"color": "0.7", "lw": 0.8, "label": "other"}
             ax.plot(epochs, counts[:, c], **style)
         ax.set_title(method_by_name(name).label, fontsize=10)
         ax.set_xlabel("epoch")

@@ -1,8 +1,8 @@
 """Tests of the simulated CAP benchmark: the simulated flaws, and the directions of the method.
 
 The direction tests train FPL-style, CAP and CAP without alignment through the real train step
-and loop, on one device, on the benchmark's default simulated task and schedule with half the
-images (seeds 0 and 1), to keep the test short.
+and loop on one device. They use the benchmark's default task and schedule with half the images
+per class (seeds 0 and 1), which keeps the test short.
 """
 
 import csv
@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from cap_jax import simulation as sim
-from cap_jax import train as train_lib
 
 SEEDS = (0, 1)
 TRAINED = ("fpl", "cap", "cap_no_alignment")
@@ -236,4 +235,3 @@ def test_command_writes_table_and_plot(tmp_path):
     assert 0.0 <= float(rows[0]["test_accuracy_mean"]) <= 1.0
     saved = json.loads((output / "config.json").read_text())
     assert saved["num_classes"] == 10
-    assert train_lib.AXIS_NAME == "batch"
