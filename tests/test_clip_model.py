@@ -211,16 +211,20 @@ def test_config_checks():
 
 
 def test_gradients_reach_prompts(params, images):
-    module = CLIP(TINY)
-
-    def loss(shallow, deep):
+    def loss(shallow, deep, module):
         features = module.apply({"params": params}, images, shallow, deep, method=CLIP.encode_image)
         return jnp.sum(features**2)
 
     shallow = jnp.asarray(np.random.default_rng(4).normal(size=(N_CTX, 64)), jnp.float32)
     deep = jnp.asarray(np.random.default_rng(5).normal(size=(1, N_CTX, 64)), jnp.float32)
-    grad_shallow, grad_deep = jax.jit(jax.grad(loss, argnums=(0, 1)))(shallow, deep)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    grad_shallow, grad_deep = grad(shallow, deep, CLIP(TINY))
     assert np.all(np.isfinite(grad_shallow))
     assert np.abs(grad_shallow).max() > 0
     assert np.all(np.isfinite(grad_deep))
     assert np.abs(grad_deep).max() > 0
+
+    # Rematerialisation recomputes the same activations, so the gradients agree.
+    remat_shallow, remat_deep = grad(shallow, deep, CLIP(TINY, remat=True))
+    np.testing.assert_allclose(remat_shallow, grad_shallow, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(remat_deep, grad_deep, rtol=1e-5, atol=1e-3)

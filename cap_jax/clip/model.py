@@ -17,7 +17,9 @@ the output projection of each tower run in float32, so features are always float
 
 The last block of each tower computes its attention output and MLP only at the pooled position
 (class token or EOT token). Keys and values still cover every token, so the result equals the full
-computation while the last block does about a quarter of the work.
+computation while the last block does about a quarter of the work. With ``remat=True`` the other
+blocks recompute their activations in the backward pass, which bounds the memory of training
+prompts through the text tower with hundreds of classes.
 
 NOTE: on TPU, float32 matmuls use the backend's default precision, which is lower than full
 float32. Set ``jax.config.update("jax_default_matmul_precision", "highest")`` when float32
@@ -175,7 +177,7 @@ class MultiHeadAttention(nn.Module):
         if query_index is not None:
             query = _select_positions(query, query_index)  # [B, 1, N, H]
             if is_causal:
-                # A causal query at position p attends to keys 0..p, so a key-length mask does the job.
+                # A causal query at position p attends to keys 0..p: a key-length mask.
                 key_lengths = jnp.asarray(query_index, jnp.int32) + 1
                 key_lengths = jnp.broadcast_to(key_lengths, (batch,))
                 is_causal = False
@@ -225,17 +227,12 @@ class ResidualBlock(nn.Module):
     mlp_width: int
     hidden_act: str
     num_layers: int
+    causal: bool = False
     layer_norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        is_causal: bool = False,
-        pool_index: int | jax.Array | None = None,
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, pool_index: int | jax.Array | None = None) -> jax.Array:
         """Apply the block to ``x [B, T, W]``.
 
         With ``pool_index`` (an int, or ``[B]`` ints) only that position of each row is updated
@@ -249,7 +246,7 @@ class ResidualBlock(nn.Module):
         h = layer_norm(name="ln_1")(x)
         h = MultiHeadAttention(
             self.num_heads, stds["qkv"], stds["out"], dtype=self.dtype, name="attn"
-        )(h, is_causal=is_causal, query_index=pool_index)
+        )(h, is_causal=self.causal, query_index=pool_index)
         if pool_index is not None:
             x = _select_positions(x, pool_index)  # [B, 1, W]
         x = x + h
@@ -261,23 +258,29 @@ class ResidualBlock(nn.Module):
         return x + h
 
 
-def _make_blocks(config: CLIPConfig, dtype: Dtype, *, tower: str) -> list[ResidualBlock]:
+def _make_blocks(
+    config: CLIPConfig, dtype: Dtype, *, tower: str, remat: bool
+) -> list[ResidualBlock]:
+    """Create a tower's blocks; with ``remat``, all but the last recompute their activations."""
     if tower == "visual":
         layers, heads, width = config.vision_layers, config.vision_heads, config.vision_width
         mlp_width = config.vision_mlp_width
     else:
         layers, heads, width = config.text_layers, config.text_heads, config.text_width
         mlp_width = config.text_mlp_width
+    # The last block pools to one token per row, so its activations are small.
+    block_types = [nn.remat(ResidualBlock) if remat else ResidualBlock] * (layers - 1)
     return [
-        ResidualBlock(
+        block_type(
             num_heads=heads,
             mlp_width=mlp_width or 4 * width,
             hidden_act=config.hidden_act,
             num_layers=layers,
+            causal=tower == "text",
             layer_norm_eps=config.layer_norm_eps,
             dtype=dtype,
         )
-        for _ in range(layers)
+        for block_type in block_types + [ResidualBlock]
     ]
 
 
@@ -298,6 +301,7 @@ class VisionTransformer(nn.Module):
 
     config: CLIPConfig
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     def setup(self):
         c = self.config
@@ -319,7 +323,7 @@ class VisionTransformer(nn.Module):
         self.ln_pre = nn.LayerNorm(
             epsilon=c.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32
         )
-        self.blocks = _make_blocks(c, self.dtype, tower="visual")
+        self.blocks = _make_blocks(c, self.dtype, tower="visual", remat=self.remat)
         self.ln_post = nn.LayerNorm(epsilon=c.layer_norm_eps, param_dtype=jnp.float32)
         self.proj = self.param("proj", normal, (c.vision_width, c.embed_dim))
 
@@ -370,7 +374,7 @@ class VisionTransformer(nn.Module):
             if 1 <= i <= num_deep:
                 n_ctx = deep_prompts.shape[1]
                 x = x.at[:, -n_ctx:].set(deep_prompts[i - 1].astype(self.dtype))
-            x = block(x, pool_index=0 if i == last else None)
+            x = block(x, 0 if i == last else None)
 
         x = self.ln_post(x[:, 0].astype(jnp.float32))
         return x @ self.proj  # [B, Wv] @ [Wv, D] -> [B, D]
@@ -381,6 +385,7 @@ class TextTransformer(nn.Module):
 
     config: CLIPConfig
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     def setup(self):
         c = self.config
@@ -395,7 +400,7 @@ class TextTransformer(nn.Module):
             nn.initializers.normal(TEXT_POSITION_STD),
             (c.context_length, c.text_width),
         )
-        self.blocks = _make_blocks(c, self.dtype, tower="text")
+        self.blocks = _make_blocks(c, self.dtype, tower="text", remat=self.remat)
         self.ln_final = nn.LayerNorm(epsilon=c.layer_norm_eps, param_dtype=jnp.float32)
         self.proj = self.param(
             "proj", nn.initializers.normal(c.text_width**-0.5), (c.text_width, c.embed_dim)
@@ -438,7 +443,7 @@ class TextTransformer(nn.Module):
             if 1 <= i <= num_deep:
                 n_ctx = deep_prompts.shape[1]
                 x = x.at[:, 1 : 1 + n_ctx].set(deep_prompts[i - 1].astype(self.dtype))
-            x = block(x, is_causal=True, pool_index=eot_positions if i == last else None)
+            x = block(x, eot_positions if i == last else None)
 
         x = self.ln_final(x[:, 0].astype(jnp.float32))
         return x @ self.proj  # [N, Wt] @ [Wt, D] -> [N, D]
@@ -459,14 +464,18 @@ class CLIP(nn.Module):
         config: model sizes and token ids.
         dtype: activation dtype, float32 or bfloat16. Parameters and returned features are
             float32 either way.
+        remat: recompute each block's activations in the backward pass instead of storing
+            them (``flax.linen.remat``), trading compute for memory when gradients flow through
+            the towers, as they do for prompts.
     """
 
     config: CLIPConfig
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     def setup(self):
-        self.visual = VisionTransformer(self.config, self.dtype)
-        self.text = TextTransformer(self.config, self.dtype)
+        self.visual = VisionTransformer(self.config, self.dtype, self.remat)
+        self.text = TextTransformer(self.config, self.dtype, self.remat)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(LOGIT_SCALE_INIT), ())
 
     def __call__(self, images: jax.Array, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
