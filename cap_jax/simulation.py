@@ -8,12 +8,12 @@ text feature of the dominant class leans toward the other cluster, so zero-shot 
 dominant class for many images of the minority class. Because the truth is known, the
 benchmark measures what each part of CAP is meant to do.
 
-The frozen towers are replaced by these features (`FeatureTowers`). The trainable parts are a
-text-side context in place of the MaPLe prompts (a residual linear map and offset applied to
-the class text features, plus a residual linear map on the image features, all initialised to
-zero so the untrained model is the zero-shot model) and the three CAP adapters. Everything
-else is the code of a real run: `cap_jax.train.compile_steps` (the same train step, losses and
-margin), `cap_jax.loop.run_epochs` (the same streams, main-sample updates and margin schedule),
+The frozen towers are replaced by these features (`FeatureTowers`). In place of the MaPLe
+prompts, the trainable context is a residual linear map and offset on the class text features
+and a residual linear map on the image features. All start at zero, so the untrained model is
+the zero-shot model. The three CAP adapters train as in a real run. Everything else is the
+code of a real run: `cap_jax.train.compile_steps` (the same train step, losses and margin),
+`cap_jax.loop.run_epochs` (the same streams, main-sample updates and margin schedule),
 `cap_jax.pseudolabels.initial_leaderboard` and `cap_jax.concepts` for concept alignment.
 
 Methods (`METHODS`):
