@@ -2,10 +2,15 @@
 
 A checkpoint holds the train state (prompt and adapter parameters, optimizer state, step), the
 host loop state (next epoch, main-sample leaderboard, confident counts) and a small JSON record
-that identifies the run (model, class names, paradigm, trainable tree layout). Orbax writes
-each checkpoint into a temporary folder and renames it when complete, so a process killed at
-any moment leaves the previous checkpoint readable. State is saved from the host (device 0's
-copy), so it restores onto any number of devices.
+that identifies the run (model, class names, paradigm, trainable tree layout). That is all the
+next epoch needs: its margin is recomputed from the parameters, leaderboard and counts, and its
+data order and augmentations are seeded by (seed, epoch).
+
+Orbax writes each checkpoint into a temporary folder (`<epoch>.orbax-checkpoint-tmp*`) and
+renames it when complete, so a process killed at any moment leaves the previous checkpoint
+readable. Such leftover temporary folders are ignored by restore and deleted when the next
+`RunCheckpointer` opens the directory. State is saved from the host (device 0's copy), so it
+restores onto any number of devices.
 """
 
 from __future__ import annotations
@@ -27,8 +32,14 @@ class CheckpointMismatchError(ValueError):
     """Raised when a checkpoint belongs to another model, class list or parameter layout."""
 
 
-def _manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+def _manager(directory: str, max_to_keep: int = 2,
+             read_only: bool = False) -> ocp.CheckpointManager:
+    if read_only:
+        options = ocp.CheckpointManagerOptions(read_only=True)
+    else:
+        # Deletes the temporary folders of saves that a killed process left unfinished.
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               cleanup_tmp_directories=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -48,7 +59,26 @@ class RunCheckpointer:
         self._manager = _manager(directory, max_to_keep)
 
     def latest_epoch(self) -> Optional[int]:
+        """Return the number of finished epochs in the latest checkpoint, or None."""
         return self._manager.latest_step()
+
+    def check_identity(self, epoch: Optional[int] = None) -> None:
+        """Compare the identity record of a checkpoint (default: the latest) with this run's.
+
+        Reads only the small JSON record, so a run can call it before any compute. Does nothing
+        when there is no checkpoint.
+
+        Raises:
+          CheckpointMismatchError: when the checkpoint was written for another model, class
+            list, paradigm or dataset.
+        """
+        epoch = self.latest_epoch() if epoch is None else epoch
+        if epoch is not None:
+            self._check_meta(self._read_meta(epoch), epoch)
+
+    def _read_meta(self, epoch: int) -> dict:
+        return self._manager.restore(
+            epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def save(self, state: Any, loop_state: LoopState) -> None:
         """Write the checkpoint of a finished epoch (`loop_state.epoch` epochs done) and wait."""
@@ -80,9 +110,9 @@ class RunCheckpointer:
         epoch = self.latest_epoch() if epoch is None else epoch
         if epoch is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        meta = self._manager.restore(
-            epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        self._check_identity(meta, target_state, epoch)
+        meta = self._read_meta(epoch)
+        self._check_meta(meta, epoch)
+        self._check_layout(meta, target_state, epoch)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), target_state)
         restored = self._manager.restore(
@@ -101,7 +131,7 @@ class RunCheckpointer:
         state = jax.tree.map(np.asarray, restored["state"])
         return state, loop_state
 
-    def _check_identity(self, meta: dict, target_state: Any, epoch: int) -> None:
+    def _check_meta(self, meta: dict, epoch: int) -> None:
         where = os.path.join(self.directory, str(epoch))
         for key, expected in self.identity.items():
             found = meta.get(key)
@@ -109,6 +139,9 @@ class RunCheckpointer:
                 raise CheckpointMismatchError(
                     f"checkpoint {where} was written with {key}={found!r}, but this run has "
                     f"{key}={expected!r}; use another --workdir or delete the checkpoints")
+
+    def _check_layout(self, meta: dict, target_state: Any, epoch: int) -> None:
+        where = os.path.join(self.directory, str(epoch))
         layout = tree_layout(jax.tree.map(np.asarray, target_state))
         if meta.get("layout") != layout:
             saved = meta.get("layout") or []
@@ -119,3 +152,40 @@ class RunCheckpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def read_checkpoint(directory: str, epoch: Optional[int] = None) -> dict[str, Any]:
+    """Read a run checkpoint without a target structure, e.g. to inspect or compare runs.
+
+    Args:
+      directory: the checkpoint folder (`<workdir>/checkpoints`).
+      epoch: which checkpoint (the number of finished epochs); default the latest.
+
+    Returns:
+      {'epoch': int, 'state': the train state as nested dicts of numpy arrays,
+       'loop': {'epoch', 'leaderboard', 'counts'} numpy arrays, 'meta': the identity record}.
+
+    Raises:
+      FileNotFoundError: when the folder holds no checkpoint.
+    """
+    manager = _manager(directory, read_only=True)
+    try:
+        epoch = manager.latest_step() if epoch is None else epoch
+        if epoch is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        restored = manager.restore(
+            epoch,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(),
+                loop=ocp.args.StandardRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+    finally:
+        manager.close()
+    return {
+        "epoch": epoch,
+        "state": jax.tree.map(np.asarray, restored["state"]),
+        "loop": jax.tree.map(np.asarray, restored["loop"]),
+        "meta": restored["meta"],
+    }
