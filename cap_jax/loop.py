@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cap_jax import margin as margin_lib
@@ -31,7 +32,17 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when the loss or the logits of a step are not finite."""
+    """Raised when a step's loss or logits, an epoch's margin or the parameters are not finite.
+
+    The run stops before the checkpoint of that epoch, so the last checkpoint on disk holds
+    finite parameters.
+    """
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in leaves]))
 
 
 class ImageSource(Protocol):
@@ -285,6 +296,10 @@ def run_epochs(*, steps: train_lib.CompiledSteps, state_r: Any, frozen_r: Any,
                                   settings, streams.seen)
         else:
             margin = np.zeros((num_classes, num_classes), np.float32)
+        if not np.isfinite(margin).all():
+            raise NonFiniteLossError(
+                f"the margin at the start of epoch {epoch} is not finite; the parameters or "
+                f"features of the main samples hold NaN or infinity")
         margin_r = np.broadcast_to(margin, (num_devices,) + margin.shape)
 
         batches = epoch_batches(source, streams, leaderboard, settings, epoch)
@@ -302,8 +317,8 @@ def run_epochs(*, steps: train_lib.CompiledSteps, state_r: Any, frozen_r: Any,
             loss = float(metrics["loss"][0])
             if not np.isfinite(loss) or not bool(metrics["logits_finite"][0]):
                 raise NonFiniteLossError(
-                    f"non-finite loss ({loss}) or logits at epoch {epoch}, iteration "
-                    f"{iteration}; the last good checkpoint is the one before epoch {epoch}")
+                    f"the loss ({loss}) or the logits are not finite at epoch {epoch}, "
+                    f"iteration {iteration}; lower learning_rate or check the input images")
             for key in sums:
                 sums[key] += float(metrics[key][0])
             epoch_counts += np.asarray(metrics["counts"][0], np.int64)
@@ -331,9 +346,16 @@ def run_epochs(*, steps: train_lib.CompiledSteps, state_r: Any, frozen_r: Any,
         confident = {key: np.concatenate(value) for key, value in confident.items()}
         record.update(_pseudolabel_report(confident, epoch_counts, streams, leaderboard))
         record["epoch"] = epoch
+        # Largest margin between different classes (the loss ignores the diagonal).
+        off_diagonal = margin[~np.eye(num_classes, dtype=bool)]
+        record["margin_max"] = float(np.abs(off_diagonal).max()) if off_diagonal.size else 0.0
         record["learning_rate"] = float(learning_rate((epoch + 1) * iterations - 1))
         if record["kept_fraction"] == 0.0:
             log.warning("epoch %d: no unlabeled sample was above the confidence threshold", epoch)
+        if not bool(_all_finite(state_r.params)):
+            raise NonFiniteLossError(
+                f"the parameters are not finite after epoch {epoch}, iteration "
+                f"{settings.iterations_per_epoch - 1}; lower learning_rate")
 
         if epoch % settings.update_every == 0:
             leaderboard = update_leaderboard(leaderboard, confident, epoch, settings,
