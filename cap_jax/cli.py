@@ -83,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
+    # Orbax logs about a dozen INFO lines per checkpoint through absl.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
+        # Bad input: config, data, image files, checkpoints. The message says what to fix.
         logging.getLogger("cap_jax").error("%s", error)
         return 2
 
