@@ -3,6 +3,13 @@
 The run directory gets, in this order: `config.json`, `run.log`, `metrics.jsonl` (one JSON
 line per epoch), `checkpoints/` (Orbax, one per epoch, the last two kept), `results.json`.
 A directory that already holds checkpoints of the same run is resumed from the latest one.
+
+Inputs are checked before any compute, each failure naming what to fix: the batch size against
+the device count, the dataset (found, class names unique, labels in 0..C-1), every class prompt
+and description against CLIP's context length, the unlabeled pool against the batch size, and
+an existing checkpoint against this run's model, class list, paradigm and dataset.
+NOTE: an unreadable image file is found when an image is first decoded, which is the
+zero-shot pass (before training), unless `skip_bad_images` decodes and drops bad files at load.
 """
 
 from __future__ import annotations
@@ -145,7 +152,7 @@ def zero_shot_pass(model: Any, split: Any, class_names: list[str], *, template: 
               "text_features": text_features}
     if cache_path:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        temporary = cache_path + ".partial.npz"
+        temporary = f"{cache_path}.{os.getpid()}.partial.npz"
         np.savez(temporary, **result)
         os.replace(temporary, cache_path)
     return result
@@ -280,6 +287,66 @@ def memory_usage() -> dict[str, float]:
     return usage
 
 
+def check_data(data: Any) -> None:
+    """Check class names and labels of both splits before any compute.
+
+    Raises:
+      ValueError: on duplicate class names (compared in lower case with '_' read as ' '), an
+        empty split, or labels outside 0..C-1, naming the split and the offending values.
+    """
+    from cap_jax.data import labels as labels_lib
+
+    class_names = list(data.class_names)
+    labels_lib.check_unique_names(class_names, source=f"the class names of {data.name}")
+    num_classes = len(class_names)
+    for split_name in ("train", "test"):
+        labels = np.asarray(getattr(data, split_name).labels)
+        if labels.size == 0:
+            raise ValueError(f"the {split_name} split of {data.name} has no images")
+        outside = np.unique(labels[(labels < 0) | (labels >= num_classes)])
+        if outside.size:
+            raise ValueError(
+                f"the {split_name} labels of {data.name} must lie in 0..{num_classes - 1} for "
+                f"{num_classes} classes; found {outside[:10].tolist()}")
+
+
+def check_texts(model: Any, class_names: list[str], template: str,
+                descriptions: Optional[dict[str, list[str]]] = None) -> None:
+    """Tokenize every class prompt and description once, before any compute.
+
+    Raises:
+      ValueError: naming the class, the text and its token count, when a text is longer than
+        CLIP's context (77 tokens with the start and end tokens).
+    """
+    texts = [("prompt", name, template.format(name)) for name in class_names]
+    for name, entries in (descriptions or {}).items():
+        texts.extend(("description", name, text) for text in entries)
+    for kind, name, text in texts:
+        try:
+            model.tokenize([text])
+        except ValueError as error:
+            raise ValueError(f"the {kind} of class {name!r} is too long: {error}") from error
+
+
+def _has_checkpoint(checkpoint_dir: str) -> bool:
+    return os.path.isdir(checkpoint_dir) and any(
+        name.isdigit() for name in os.listdir(checkpoint_dir))
+
+
+def _load_data(config: config_lib.RunConfig) -> Any:
+    from cap_jax.data import sources
+
+    try:
+        return sources.load_dataset(
+            config.dataset, root=config.data_root, train_subset=config.train_subset,
+            test_subset=config.test_subset, subset_seed=config.seed,
+            skip_bad_images=config.skip_bad_images)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"{error} In a run config, the data folder is the key data_root "
+            f"(now {config.data_root!r}).") from error
+
+
 def default_cache_dir() -> str:
     return os.environ.get("CAP_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
                                                         "cap_jax"))
@@ -291,10 +358,16 @@ def run(config: config_lib.RunConfig, workdir: str, *, progress: bool = True,
 
     `data` and `model` may be passed in (tests); otherwise they are loaded from the config.
     """
+    from cap_jax.data.dataset import ImageReadError
+
     os.makedirs(workdir, exist_ok=True)
     handler = _setup_logging(workdir)
     try:
         return _run(config, workdir, progress=progress, data=data, model=model)
+    except ImageReadError as error:
+        raise ImageReadError(
+            error.source, f"{error.reason}. Replace or delete the file, or set "
+            "skip_bad_images=true in the config to leave unreadable images out") from error
     finally:
         logging.getLogger("cap_jax").removeHandler(handler)
         handler.close()
@@ -303,7 +376,7 @@ def run(config: config_lib.RunConfig, workdir: str, *, progress: bool = True,
 def _run(config, workdir, *, progress, data, model):
     config_path = os.path.join(workdir, "config.json")
     checkpoint_dir = os.path.join(workdir, "checkpoints")
-    if os.path.isfile(config_path) and os.path.isdir(checkpoint_dir):
+    if os.path.isfile(config_path) and _has_checkpoint(checkpoint_dir):
         _check_saved_config(config, config_path)
     config_lib.save_config(config, config_path)
     log.info("config: %s", json.dumps(config.to_dict(), sort_keys=True))
@@ -316,12 +389,8 @@ def _run(config, workdir, *, progress, data, model):
     eval_batch = max(num_devices, config.eval_batch_size - config.eval_batch_size % num_devices)
 
     if data is None:
-        from cap_jax.data import sources
-
-        data = sources.load_dataset(
-            config.dataset, root=config.data_root, train_subset=config.train_subset,
-            test_subset=config.test_subset, subset_seed=config.seed,
-            skip_bad_images=config.skip_bad_images)
+        data = _load_data(config)
+    check_data(data)
     class_names = list(data.class_names)
     num_classes = len(class_names)
     log.info("data: %s, %d classes, %d training images (unlabeled pool), %d test images",
@@ -333,15 +402,49 @@ def _run(config, workdir, *, progress, data, model):
         model = clip.load(config.model, dtype=jnp.dtype(config.dtype))
     if model.is_random:
         log.warning(RANDOM_WEIGHTS_WARNING)
-    image_size = model.config.image_resolution
+    descriptions = None
+    if config.concept_alignment != "off":
+        from cap_jax.alignment import SHIPPED_DESCRIPTIONS
+        from cap_jax.data.descriptions import load_descriptions
+
+        source = config.descriptions or SHIPPED_DESCRIPTIONS.get(data.name.lower())
+        descriptions = load_descriptions(source) if source else None
+    check_texts(model, class_names, config.template, descriptions)
+    from cap_jax import prompts as prompts_lib
+
+    prompt_inputs = prompts_lib.class_prompt_inputs(model, class_names, n_ctx=config.n_ctx,
+                                                    template=config.template)
 
     paradigm = setup_paradigm(config, data)
-    train_labels = np.asarray(data.train.labels)
     unlabeled_ids = np.arange(len(data.train))
     if paradigm.labeled:
         unlabeled_ids = np.setdiff1d(unlabeled_ids, paradigm.labeled_ids)
         log.info("%s: %d labeled images, %d unlabeled", config.paradigm,
                  paradigm.labeled_ids.size, unlabeled_ids.size)
+    if unlabeled_ids.size < config.batch_size:
+        raise ValueError(
+            f"the unlabeled pool has {unlabeled_ids.size} images, fewer than batch_size "
+            f"{config.batch_size}; lower batch_size or use more training images")
+
+    identity = {"model": model.name, "class_names": class_names, "paradigm": config.paradigm,
+                "dataset": data.name}
+    checkpointer = checkpoint_lib.RunCheckpointer(checkpoint_dir, identity)
+    try:
+        checkpointer.check_identity()
+        return _train(config, workdir, progress=progress, data=data, model=model,
+                      paradigm=paradigm, prompt_inputs=prompt_inputs, checkpointer=checkpointer,
+                      unlabeled_ids=unlabeled_ids, eval_batch=eval_batch)
+    finally:
+        checkpointer.close()
+
+
+def _train(config, workdir, *, progress, data, model, paradigm, prompt_inputs, checkpointer,
+           unlabeled_ids, eval_batch):
+    """Zero-shot pass, initial leaderboard, training and results, after the input checks."""
+    class_names = list(data.class_names)
+    num_classes = len(class_names)
+    image_size = model.config.image_resolution
+    train_labels = np.asarray(data.train.labels)
 
     # Zero-shot pass over the training pool and the test split, cached by what they depend on.
     cache_dir = config.cache_dir or default_cache_dir()
@@ -398,9 +501,6 @@ def _run(config, workdir, *, progress, data, model):
     loop_state = loop_lib.LoopState(epoch=0, leaderboard=board,
                                     counts=np.zeros(num_classes, np.int64))
 
-    identity = {"model": model.name, "class_names": class_names, "paradigm": config.paradigm,
-                "dataset": data.name}
-    checkpointer = checkpoint_lib.RunCheckpointer(checkpoint_dir, identity)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if checkpointer.latest_epoch() is not None:
         state, loop_state = checkpointer.restore(state)
@@ -409,8 +509,6 @@ def _run(config, workdir, *, progress, data, model):
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
 
-    prompt_inputs = prompts_lib.class_prompt_inputs(model, class_names, n_ctx=config.n_ctx,
-                                                    template=config.template)
     frozen = {"clip": model.params, "prompt_inputs": prompt_inputs,
               "logit_scale": jnp.exp(jnp.asarray(model.params["logit_scale"], jnp.float32))}
     towers = train_lib.ClipTowers(model.module)
@@ -458,12 +556,20 @@ def _run(config, workdir, *, progress, data, model):
 
     log.info("compiling the train step (the first iteration is slow)")
     started = time.time()
-    state_r, loop_state = loop_lib.run_epochs(
-        steps=steps, state_r=state_r, frozen_r=frozen_r, source=train_source, streams=streams,
-        loop_state=loop_state, settings=settings, learning_rate=schedule,
-        evaluate=evaluate_fn, on_epoch_end=on_epoch_end,
-        prefetch=lambda it: prefetch(it, size=2), progress=progress)
-    checkpointer.close()
+    try:
+        state_r, loop_state = loop_lib.run_epochs(
+            steps=steps, state_r=state_r, frozen_r=frozen_r, source=train_source,
+            streams=streams, loop_state=loop_state, settings=settings, learning_rate=schedule,
+            evaluate=evaluate_fn, on_epoch_end=on_epoch_end,
+            prefetch=lambda it: prefetch(it, size=2), progress=progress)
+    except loop_lib.NonFiniteLossError as error:
+        latest = checkpointer.latest_epoch()
+        if latest is None:
+            kept = "no checkpoint was written before it"
+        else:
+            kept = (f"the last good checkpoint, after {latest} epochs, is "
+                    f"{os.path.join(checkpointer.directory, str(latest))}")
+        raise loop_lib.NonFiniteLossError(f"{error}; {kept}") from error
 
     if last_evaluation.get("epoch") == config.epochs - 1:
         final = {k: v for k, v in last_evaluation.items() if k != "epoch"}
