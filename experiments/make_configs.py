@@ -1,11 +1,11 @@
 """Write the 18 benchmark configs: six datasets times the UL, SSL and TRZSL paradigms.
 
-Each config `experiments/configs/<dataset>_<paradigm>.json` holds only what differs from the
-defaults of `cap_jax.config.RunConfig`, which are the reference's CAP schedule (50 epochs of 50
-iterations, batch 32, SGD at 0.01, confidence threshold 0.85, 16 initial main samples per class,
-margin scale 12). The per-dataset settings follow the reference code: 6 initial main samples for
-Flowers102, and for FGVC-Aircraft a threshold of 0.5, a maximum main-sample ratio of 0.6 and a
-margin scale of 14.
+Each config `experiments/configs/<dataset>_<paradigm>.json` sets the name, paradigm, dataset and
+model, and only those settings that differ from the defaults of `cap_jax.config.RunConfig`. The
+defaults are the reference's CAP schedule: 50 epochs of 50 iterations, batch 32, SGD at 0.01,
+confidence threshold 0.85, 16 initial main samples per class and margin scale 12. The
+per-dataset settings follow the reference code: 6 initial main samples for Flowers102, and for
+FGVC-Aircraft a threshold of 0.5, a maximum main-sample ratio of 0.6 and a margin scale of 14.
 
 Run it after changing a setting here, so the shipped files stay in step (a test compares them):
 
