@@ -182,13 +182,14 @@ def test_prompt_shape_checks(params, images):
             jnp.zeros((2,), jnp.int32),
             method=CLIP.encode_text_embeddings,
         )
-    with pytest.raises(ValueError, match="embeddings must be"):
-        module.apply(
-            {"params": params},
-            jnp.zeros((1, 76, 64)),
-            jnp.zeros((1,), jnp.int32),
-            method=CLIP.encode_text_embeddings,
-        )
+    for bad_shape in [(1, 78, 64), (1, 77, 63)]:
+        with pytest.raises(ValueError, match="embeddings must be"):
+            module.apply(
+                {"params": params},
+                jnp.zeros(bad_shape),
+                jnp.zeros((1,), jnp.int32),
+                method=CLIP.encode_text_embeddings,
+            )
 
 
 def test_config_checks():

@@ -91,7 +91,7 @@ def test_init_checks(model):
 
 
 def test_class_prompt_inputs(model):
-    inputs = prompts.class_prompt_inputs(model, CLASSES, n_ctx=2)
+    inputs = prompts.class_prompt_inputs(model, CLASSES, n_ctx=2, trim=False)
     token_ids = model.tokenize([f"a photo of a {name}." for name in CLASSES])
     np.testing.assert_array_equal(inputs.token_ids, token_ids)
     assert inputs.prefix.shape == (3, 1, 64)
@@ -175,3 +175,18 @@ def test_wrapped_clip_params_accepted(model, images, image_forward):
     inner = image_forward(model.params, params, images)
     wrapped = image_forward({"params": model.params}, params, images)
     np.testing.assert_array_equal(inner, wrapped)
+
+
+def test_trimmed_prompts_same_features(model):
+    full = prompts.class_prompt_inputs(model, CLASSES, n_ctx=2, trim=False)
+    trimmed = prompts.class_prompt_inputs(model, CLASSES, n_ctx=2)
+    length = int(np.max(np.asarray(full.eot_positions))) + 1
+    assert trimmed.token_ids.shape == (3, length)
+    assert trimmed.suffix.shape == (3, length - 3, 64)
+    params = prompts.init_prompt_params(jax.random.key(0), model, depth=2)
+    features = jax.jit(prompts.prompted_text_features, static_argnums=0)
+    np.testing.assert_allclose(
+        features(model.module, model.params, params, trimmed),
+        features(model.module, model.params, params, full),
+        atol=1e-5,
+    )

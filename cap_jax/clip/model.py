@@ -418,10 +418,14 @@ class TextTransformer(nn.Module):
     ) -> jax.Array:
         """Encode token embeddings ``[N, L, Wt]`` and pool at ``eot_positions [N]``."""
         c = self.config
-        expected = (c.context_length, c.text_width)
-        if embeddings.ndim != 3 or embeddings.shape[1:] != expected:
+        if (
+            embeddings.ndim != 3
+            or embeddings.shape[2] != c.text_width
+            or not 1 <= embeddings.shape[1] <= c.context_length
+        ):
             raise ValueError(
-                f"embeddings must be [N, {expected[0]}, {expected[1]}], got {embeddings.shape}"
+                f"embeddings must be [N, L, {c.text_width}] with L <= {c.context_length}, got "
+                f"{embeddings.shape}"
             )
         if eot_positions.shape != embeddings.shape[:1]:
             raise ValueError(
@@ -434,7 +438,10 @@ class TextTransformer(nn.Module):
             )
         eot_positions = eot_positions.astype(jnp.int32)
 
-        x = embeddings.astype(jnp.float32) + self.positional_embedding
+        # Attention is causal, so a sequence cut after its last EOT pools exactly as the full
+        # context does; the positions are those of the first L tokens.
+        length = embeddings.shape[1]
+        x = embeddings.astype(jnp.float32) + self.positional_embedding[:length]
         x = x.astype(self.dtype)
 
         num_deep = 0 if deep_prompts is None else deep_prompts.shape[0]
@@ -518,7 +525,8 @@ class CLIP(nn.Module):
         """Encode token embeddings, optionally with MaPLe deep text prompts.
 
         Args:
-            embeddings: ``[N, L, Wt]`` token embeddings, L = ``config.context_length``.
+            embeddings: ``[N, L, Wt]`` token embeddings, L at most ``config.context_length``
+                and past every EOT position.
             eot_positions: ``[N]`` int position of the EOT token of each row, where the
                 features are pooled.
             deep_prompts: ``[depth - 1, n_ctx, Wt]``; entry ``i - 1`` overwrites positions
