@@ -80,6 +80,10 @@ class RunConfig:
                     "update_every", "n_main_samples"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(
+                f"warmup_epochs must be at least 0 and less than epochs ({self.epochs}), so the "
+                f"cosine decay has steps left; got {self.warmup_epochs}")
         if self.prompt_depth < 1:
             raise ValueError(f"prompt_depth must be at least 1, got {self.prompt_depth}")
         if not 0.0 <= self.threshold <= 1.0:
