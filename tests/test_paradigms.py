@@ -129,7 +129,8 @@ def ul_run(image_root, cache_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ssl_run(image_root, cache_dir, tmp_path_factory):
-    config = tiny_config("SSL", image_root, cache_dir)
+    # One epoch: the margin and its second compilation are covered by the UL and TRZSL runs.
+    config = tiny_config("SSL", image_root, cache_dir, epochs=1, warmup_epochs=0, eval_every=1)
     return run_recorded(config, tmp_path_factory.mktemp("ssl_run"))
 
 
@@ -173,7 +174,8 @@ def checkpoint_predictions(record, data):
     }
     tx = train_lib.make_optimizer(
         learning_rate=config.learning_rate, momentum=config.momentum,
-        weight_decay=config.weight_decay, warmup_steps=config.iterations_per_epoch,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_epochs * config.iterations_per_epoch,
         total_steps=config.epochs * config.iterations_per_epoch)
     target = train_lib.create_train_state(params, tx)
     checkpointer = checkpoint_lib.RunCheckpointer(
@@ -442,6 +444,12 @@ def test_benchmark_config_settings():
             assert (config.epochs, config.iterations_per_epoch, config.batch_size) == (
                 defaults.epochs, defaults.iterations_per_epoch, defaults.batch_size)
             assert config.learning_rate == defaults.learning_rate
+
+
+def test_config_warmup_shorter_than_training():
+    with pytest.raises(ValueError, match="warmup_epochs must be at least 0 and less than epochs"):
+        config_lib.load_config("flowers102_ul", ["epochs=1"])
+    assert config_lib.load_config("flowers102_ul", ["epochs=1", "warmup_epochs=0"]).epochs == 1
 
 
 def test_config_selected_by_name_with_overrides():
