@@ -22,11 +22,11 @@ MODEL = "openai/clip-vit-base-patch32"
 
 PARADIGMS = {
     "ul": ("UL", "unsupervised learning. Every training image is unlabeled"),
-    "ssl": ("SSL", "semi-supervised learning. Two images per class, drawn with seed 0, are "
-                   "labeled and the rest unlabeled"),
-    "trzsl": ("TRZSL", "transductive zero-shot learning. The images of 62% of the classes, "
-                       "drawn with split seed 500, are labeled and the others unlabeled. The "
-                       "metric is the harmonic mean of seen and unseen test accuracy"),
+    "ssl": ("SSL", ("semi-supervised learning. Two images per class, drawn with seed 0, are "
+                    "labeled and the rest unlabeled")),
+    "trzsl": ("TRZSL", ("transductive zero-shot learning. The images of 62% of the classes, "
+                        "drawn with split seed 500, are labeled and the others unlabeled. The "
+                        "metric is the harmonic mean of seen and unseen test accuracy")),
 }
 
 # Config stem -> (dataset name for cap_jax.data.sources.load_dataset, readable name, settings

@@ -2,8 +2,8 @@
 
 Each paradigm runs once (module fixtures) through `cap_jax.run.run` with random tiny CLIP
 weights: data loading from `ROOT/train/<class>/` and `ROOT/test/<class>/`, the cached zero-shot
-pass, the initial leaderboard, two epochs of training on the 4 fake devices of conftest.py,
-checkpoints and results.json. The tests then check each paradigm's metric against a
+pass, the initial leaderboard, one or two epochs of training on the 4 fake devices of
+conftest.py, checkpoints and results.json. The tests then check each paradigm's metric against a
 recomputation from the saved checkpoint, and which images each stream and leaderboard holds.
 """
 
@@ -72,13 +72,14 @@ def cache_dir(tmp_path_factory):
 
 
 def tiny_config(paradigm, image_root, cache_dir, **overrides):
-    values = dict(
-        name=f"squares_{paradigm.lower()}", paradigm=paradigm, dataset="squares",
-        data_root=str(image_root), model="random:tiny", prompt_depth=2, epochs=2,
-        iterations_per_epoch=2, batch_size=4, eval_every=2, eval_batch_size=8,
-        zero_shot_batch_size=16, n_main_samples=N_MAIN_SAMPLES, update_every=1,
+    values = {
+        "name": f"squares_{paradigm.lower()}", "paradigm": paradigm, "dataset": "squares",
+        "data_root": str(image_root), "model": "random:tiny", "prompt_depth": 2, "epochs": 2,
+        "iterations_per_epoch": 2, "batch_size": 4, "eval_every": 2, "eval_batch_size": 8,
+        "zero_shot_batch_size": 16, "n_main_samples": N_MAIN_SAMPLES, "update_every": 1,
         # Threshold 0 keeps every pseudolabel, so the main samples grow from the unlabeled stream.
-        threshold=0.0, cache_dir=cache_dir)
+        "threshold": 0.0, "cache_dir": cache_dir,
+    }
     values.update(overrides)
     return config_lib.RunConfig(**values)
 
@@ -147,12 +148,14 @@ def prompted_feature_functions(model):
     """Return jitted (text, image) feature functions of `model`, compiled once per model name."""
     if model.name not in _FEATURE_FUNCTIONS:
         module = model.module
-        _FEATURE_FUNCTIONS[model.name] = (
-            jax.jit(lambda clip_params, prompt_params, inputs:
-                    prompts_lib.prompted_text_features(module, clip_params, prompt_params, inputs)),
-            jax.jit(lambda clip_params, prompt_params, images:
-                    prompts_lib.prompted_image_features(module, clip_params, prompt_params, images)),
-        )
+
+        def text_features(clip_params, prompt_params, inputs):
+            return prompts_lib.prompted_text_features(module, clip_params, prompt_params, inputs)
+
+        def image_features(clip_params, prompt_params, images):
+            return prompts_lib.prompted_image_features(module, clip_params, prompt_params, images)
+
+        _FEATURE_FUNCTIONS[model.name] = (jax.jit(text_features), jax.jit(image_features))
     return _FEATURE_FUNCTIONS[model.name]
 
 

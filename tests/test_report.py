@@ -19,17 +19,19 @@ def write_results(folder, **values):
 
 
 def ssl_results(name, seed, accuracy, zero_shot):
-    return dict(name=name, paradigm="SSL", dataset="oxford_flowers102", model=MODEL, seed=seed,
-                random_weights=False, test_accuracy=accuracy, zero_shot_accuracy=zero_shot)
+    return {"name": name, "paradigm": "SSL", "dataset": "oxford_flowers102", "model": MODEL,
+            "seed": seed, "random_weights": False, "test_accuracy": accuracy,
+            "zero_shot_accuracy": zero_shot}
 
 
 def trzsl_results(seed, harmonic_mean, zero_shot_harmonic_mean):
     # Accuracies over all classes differ from the harmonic means, so a table that used them
     # would show other numbers.
-    return dict(name="dtd_trzsl", paradigm="TRZSL", dataset="dtd", model=MODEL, seed=seed,
-                random_weights=False, test_accuracy=0.99, zero_shot_accuracy=0.98,
-                test_seen_accuracy=0.9, test_unseen_accuracy=0.5,
-                test_harmonic_mean=harmonic_mean, zero_shot_harmonic_mean=zero_shot_harmonic_mean)
+    return {"name": "dtd_trzsl", "paradigm": "TRZSL", "dataset": "dtd", "model": MODEL,
+            "seed": seed, "random_weights": False, "test_accuracy": 0.99,
+            "zero_shot_accuracy": 0.98, "test_seen_accuracy": 0.9, "test_unseen_accuracy": 0.5,
+            "test_harmonic_mean": harmonic_mean,
+            "zero_shot_harmonic_mean": zero_shot_harmonic_mean}
 
 
 def percent_mean_std(values):

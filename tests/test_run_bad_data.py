@@ -8,7 +8,6 @@ import logging
 
 import numpy as np
 import PIL.Image
-import pytest
 
 from cap_jax import cli
 
