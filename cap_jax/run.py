@@ -365,12 +365,23 @@ def run(config: config_lib.RunConfig, workdir: str, *, progress: bool = True,
     try:
         return _run(config, workdir, progress=progress, data=data, model=model)
     except ImageReadError as error:
-        raise ImageReadError(
+        failure = ImageReadError(
             error.source, f"{error.reason}. Replace or delete the file, or set "
-            "skip_bad_images=true in the config to leave unreadable images out") from error
+            "skip_bad_images=true in the config to leave unreadable images out")
+        _record_failure(handler, failure)
+        raise failure from error
+    except Exception as error:
+        _record_failure(handler, error)
+        raise
     finally:
         logging.getLogger("cap_jax").removeHandler(handler)
         handler.close()
+
+
+def _record_failure(handler: logging.Handler, error: BaseException) -> None:
+    """Write the error that stops a run into run.log only; the caller reports it as it likes."""
+    handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "run stopped: %s: %s",
+                                  (type(error).__name__, error), None))
 
 
 def _run(config, workdir, *, progress, data, model):
@@ -386,6 +397,7 @@ def _run(config, workdir, *, progress, data, model):
         raise ValueError(
             f"batch_size {config.batch_size} does not divide over the {num_devices} local "
             f"devices; choose a multiple of {num_devices}")
+    log.info("%d local devices (%s)", num_devices, jax.local_devices()[0].platform)
     eval_batch = max(num_devices, config.eval_batch_size - config.eval_batch_size % num_devices)
 
     if data is None:
@@ -567,8 +579,9 @@ def _train(config, workdir, *, progress, data, model, paradigm, prompt_inputs, c
         if latest is None:
             kept = "no checkpoint was written before it"
         else:
-            kept = (f"the last good checkpoint, after {latest} epochs, is "
-                    f"{os.path.join(checkpointer.directory, str(latest))}")
+            kept = (f"the last good checkpoint is "
+                    f"{os.path.join(checkpointer.directory, str(latest))}, written after epoch "
+                    f"{latest - 1}")
         raise loop_lib.NonFiniteLossError(f"{error}; {kept}") from error
 
     if last_evaluation.get("epoch") == config.epochs - 1:
