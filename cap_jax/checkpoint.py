@@ -35,7 +35,8 @@ class CheckpointMismatchError(ValueError):
 def _manager(directory: str, max_to_keep: int = 2,
              read_only: bool = False) -> ocp.CheckpointManager:
     if read_only:
-        options = ocp.CheckpointManagerOptions(read_only=True)
+        # Not Orbax's read_only option, which logs three warnings each time.
+        options = ocp.CheckpointManagerOptions(create=False)
     else:
         # Deletes the temporary folders of saves that a killed process left unfinished.
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
