@@ -254,11 +254,17 @@ def _json_safe(value):
     return value
 
 
-def _setup_logging(workdir: str) -> logging.Handler:
+def _setup_logging(workdir: str) -> tuple[logging.Handler, int]:
+    """Attach run.log to the cap_jax logger at INFO; return the handler and the old level."""
     handler = logging.FileHandler(os.path.join(workdir, "run.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("cap_jax").addHandler(handler)
-    return handler
+    logger = logging.getLogger("cap_jax")
+    level = logger.level
+    # run.log gets the INFO lines even where the caller configured logging at WARNING.
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return handler, level
 
 
 def _check_saved_config(config: config_lib.RunConfig, path: str) -> None:
@@ -361,7 +367,7 @@ def run(config: config_lib.RunConfig, workdir: str, *, progress: bool = True,
     from cap_jax.data.dataset import ImageReadError
 
     os.makedirs(workdir, exist_ok=True)
-    handler = _setup_logging(workdir)
+    handler, level = _setup_logging(workdir)
     try:
         return _run(config, workdir, progress=progress, data=data, model=model)
     except ImageReadError as error:
@@ -375,6 +381,7 @@ def run(config: config_lib.RunConfig, workdir: str, *, progress: bool = True,
         raise
     finally:
         logging.getLogger("cap_jax").removeHandler(handler)
+        logging.getLogger("cap_jax").setLevel(level)
         handler.close()
 
 
