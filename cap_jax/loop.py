@@ -200,7 +200,9 @@ def epoch_margin(steps: train_lib.CompiledSteps, frozen_r: Any, params_r: Any,
             source.clean, member_ids, batch_size=settings.feature_batch_size,
             num_devices=steps.num_devices)
     else:
-        features = np.zeros((0, text.shape[1]), np.float32)
+        # One zero row to gather from: class_prototypes cannot index an empty array, and every
+        # class without members falls back to its text feature anyway.
+        features = np.zeros((1, text.shape[1]), np.float32)
     position = {int(i): p for p, i in enumerate(member_ids)}
     local_board = np.vectorize(lambda i: position.get(int(i), -1), otypes=[np.int64])(
         leaderboard) if leaderboard.size else leaderboard
