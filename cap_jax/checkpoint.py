@@ -167,7 +167,7 @@ def read_checkpoint(directory: str, epoch: Optional[int] = None) -> dict[str, An
        'loop': {'epoch', 'leaderboard', 'counts'} numpy arrays, 'meta': the identity record}.
 
     Raises:
-      FileNotFoundError: when the folder holds no checkpoint.
+      FileNotFoundError: when the folder contains no checkpoint.
     """
     manager = _manager(directory, read_only=True)
     try:

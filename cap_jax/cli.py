@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ValueError, OSError) as error:
-        # Bad input: config, data, image files, checkpoints. The message says what to fix.
+        # Bad input (config, data, image files, checkpoints): the message states what to fix.
         logging.getLogger("cap_jax").error("%s", error)
         return 2
 

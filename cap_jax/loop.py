@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class NonFiniteLossError(RuntimeError):
     """Raised when a step's loss or logits, an epoch's margin or the parameters are not finite.
 
-    The run stops before the checkpoint of that epoch, so the last checkpoint on disk holds
+    The run stops before the checkpoint of that epoch, so the last checkpoint on disk contains
     finite parameters.
     """
 
