@@ -27,6 +27,8 @@ class RunConfig:
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
     skip_bad_images: bool = False
+    label_offset: int = 0
+    train_split: str = "train"
 
     model: str = "random:ViT-B/32"
     dtype: str = "float32"

@@ -346,7 +346,8 @@ def _load_data(config: config_lib.RunConfig) -> Any:
         return sources.load_dataset(
             config.dataset, root=config.data_root, train_subset=config.train_subset,
             test_subset=config.test_subset, subset_seed=config.seed,
-            skip_bad_images=config.skip_bad_images)
+            skip_bad_images=config.skip_bad_images, label_offset=config.label_offset,
+            train_split=config.train_split)
     except FileNotFoundError as error:
         raise FileNotFoundError(
             f"{error} In a run config, the data folder is the key data_root "

@@ -123,8 +123,8 @@ def check_labels(labels: np.ndarray, class_names: Sequence[str], *, source: str)
     if low >= 1 and high == num_classes:
         raise ValueError(
             f"The labels of {source} run {low}..{high} for {num_classes} classes; they look "
-            "1-based. Subtract 1 so they run 0..C-1 (for numbered class folders, pass "
-            "label_offset=1)."
+            "1-based. Subtract 1 so they run 0..C-1 (for numbered class folders, set "
+            "label_offset=1, e.g. `cap-jax run ... --set label_offset=1`)."
         )
     if low < 0 or high >= num_classes:
         outside = np.unique(labels[(labels < 0) | (labels >= num_classes)])
