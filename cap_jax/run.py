@@ -109,10 +109,32 @@ def _batched_pass(fn, source_fn, count: int, batch_size: int, num_devices: int,
     return np.concatenate(outputs)
 
 
+class ZeroShotEncoder:
+    """The frozen image tower, pmapped and compiled once, with parameters on every device."""
+
+    def __init__(self, model: Any):
+        self.params_r = train_lib.replicate(model.params)
+        module = model.module
+
+        def encode(params, images):
+            features = module.apply({"params": params}, images, method=module.encode_image)
+            features = features.astype(jnp.float32)
+            return features / jnp.linalg.norm(features, axis=-1, keepdims=True)
+
+        self._encode = jax.pmap(encode, axis_name=train_lib.AXIS_NAME)
+
+    def __call__(self, images: np.ndarray) -> jax.Array:
+        """Unit image features of device-sharded images [devices, B, H, W, 3]."""
+        return self._encode(self.params_r, images)
+
+
 def zero_shot_pass(model: Any, split: Any, class_names: list[str], *, template: str,
                    batch_size: int, cache_path: Optional[str] = None,
-                   progress: bool = True) -> dict[str, np.ndarray]:
+                   progress: bool = True,
+                   encoder: Optional[ZeroShotEncoder] = None) -> dict[str, np.ndarray]:
     """Score every image of `split` with frozen CLIP (no prompts) against "template(class)".
+
+    Pass the same `encoder` to several calls so the image tower compiles once.
 
     Returns:
       {'probs': [N, C] float32 softmax of the cosine logits times CLIP's logit scale,
@@ -128,20 +150,13 @@ def zero_shot_pass(model: Any, split: Any, class_names: list[str], *, template: 
     texts = [template.format(name) for name in class_names]
     text_features = np.array(model.encode_texts(texts), np.float32)
     text_features /= np.linalg.norm(text_features, axis=-1, keepdims=True)
-    module, params = model.module, model.params
-    params_r = train_lib.replicate(params)
-
-    def encode(p, images):
-        features = module.apply({"params": p}, images, method=module.encode_image)
-        features = features.astype(jnp.float32)
-        return features / jnp.linalg.norm(features, axis=-1, keepdims=True)
-
-    encode_p = jax.pmap(encode, axis_name=train_lib.AXIS_NAME)
+    params = model.params
+    encoder = encoder or ZeroShotEncoder(model)
     source = PoolSource(split, model.config.image_resolution)
     log.info("zero-shot pass over %d images (batch %d on %d devices)", len(split), batch_size,
              num_devices)
     started = time.time()
-    image_features = _batched_pass(lambda images: encode_p(params_r, images), source.clean,
+    image_features = _batched_pass(encoder, source.clean,
                                    len(split), batch_size, num_devices, "zero-shot", progress)
     seconds = time.time() - started
     log.info("zero-shot pass: %.1f images/s", len(split) / max(seconds, 1e-9))
@@ -472,14 +487,18 @@ def _train(config, workdir, *, progress, data, model, paradigm, prompt_inputs, c
                 "root": config.data_root, "template": config.template, "classes": class_names,
                 "dtype": config.dtype, "seed": config.seed}
     zero_shot = {}
+    encoder = None
     for split_name, split, subset in (("train", data.train, config.train_subset),
                                       ("test", data.test, config.test_subset)):
         key = _fingerprint(dict(key_base, split=split_name, subset=subset, size=len(split)))
+        cache_path = os.path.join(cache_dir, "zero_shot", f"{data.name}-{split_name}-{key}.npz")
+        if encoder is None and not os.path.isfile(cache_path):
+            encoder = ZeroShotEncoder(model)
         zero_shot[split_name] = zero_shot_pass(
             model, split, class_names, template=config.template,
-            batch_size=config.zero_shot_batch_size,
-            cache_path=os.path.join(cache_dir, "zero_shot", f"{data.name}-{split_name}-{key}.npz"),
-            progress=progress)
+            batch_size=config.zero_shot_batch_size, cache_path=cache_path, progress=progress,
+            encoder=encoder)
+    del encoder
     zero_shot_predictions = np.argmax(zero_shot["test"]["probs"], axis=-1)
     zero_shot_report = accuracy_report(zero_shot_predictions, np.asarray(data.test.labels),
                                        num_classes, seen=paradigm.seen, prefix="zero_shot")
