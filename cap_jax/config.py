@@ -98,15 +98,45 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# The value types each field accepts; `from __future__ import annotations` leaves the
+# annotations as strings, so they are read from the defaults and names here.
+def _accepted_types(field: dataclasses.Field) -> tuple[type, ...]:
+    annotation = str(field.type)
+    base = annotation.removeprefix("Optional[").removesuffix("]")
+    types = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}[base]
+    return types + ((type(None),) if annotation.startswith("Optional[") else ())
+
+
+def check_types(values: dict[str, Any], source: str) -> None:
+    """Raise ValueError for a value whose type does not fit its field (e.g. use_margin="maybe")."""
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for key, value in values.items():
+        accepted = _accepted_types(fields[key])
+        # bool is a subclass of int in Python, but `epochs=true` is a mistake.
+        wrong_bool = isinstance(value, bool) and bool not in accepted
+        if wrong_bool or not isinstance(value, accepted):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in accepted)
+            raise ValueError(
+                f"config key {key!r} in {source} must be {names}, got {value!r}; on the command "
+                f"line write e.g. --set use_margin=false, --set epochs=5, --set model=random:tiny")
+
+
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
 def _coerce(key: str, text: str) -> Any:
-    """Parse an override value for `key` from the command line: JSON if it parses, else text."""
+    """Parse an override value for `key` from the command line: JSON if it parses, else text.
+
+    A text field keeps the text as written, so `--set name=2024` stays the string "2024".
+    """
+    field = next(f for f in dataclasses.fields(RunConfig) if f.name == key)
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
         return text
+    if str in _accepted_types(field) and value is not None and not isinstance(value, str):
+        return text
+    return value
 
 
 def _check_keys(values: dict[str, Any], source: str) -> None:
@@ -121,6 +151,13 @@ def config_dir() -> str:
     """Return the folder of the shipped configs (`experiments/configs` of the repository)."""
     here = os.path.dirname(os.path.abspath(__file__))
     return os.path.join(os.path.dirname(here), "experiments", "configs")
+
+
+def config_path_list() -> list:
+    """Return the shipped config files, sorted by name."""
+    import pathlib
+
+    return sorted(pathlib.Path(config_dir()).glob("*.json"))
 
 
 def resolve_config_path(name_or_path: str) -> str:
@@ -164,6 +201,7 @@ def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str
             raise ValueError(f"config file {path} must contain a JSON object")
         values.pop("_comment", None)
         _check_keys(values, path)
+        check_types(values, path)
     for item in overrides or ():
         if "=" not in item:
             raise ValueError(f"override {item!r} must have the form key=value")
@@ -171,6 +209,7 @@ def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str
         key = key.strip()
         _check_keys({key: None}, "the command-line overrides")
         values[key] = _coerce(key, text)
+        check_types({key: values[key]}, "the command-line overrides")
     return RunConfig(**values)
 
 
