@@ -130,6 +130,8 @@ def _coerce(key: str, text: str) -> Any:
     A text field keeps the text as written, so `--set name=2024` stays the string "2024".
     """
     field = next(f for f in dataclasses.fields(RunConfig) if f.name == key)
+    if bool in _accepted_types(field) and text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
     try:
         value = json.loads(text)
     except json.JSONDecodeError:

@@ -16,6 +16,8 @@ def test_overrides_parse_by_type():
     assert loaded.name == "2024"
     assert loaded.train_subset is None
     assert loaded.model == "random:tiny"
+    assert config.load_config(None, ["use_margin=False"]).use_margin is False
+    assert config.load_config(None, ["shared_adapter=True"]).shared_adapter is True
 
 
 @pytest.mark.parametrize("override", ["use_margin=maybe", "epochs=true", "epochs=2.5",
