@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     # Orbax logs about a dozen INFO lines per checkpoint through absl.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    # JAX reports each accelerator backend it cannot find (no TPU library, no GPU) at INFO.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except (ValueError, OSError) as error:

@@ -53,6 +53,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
 
 
+def _cell(mean: float, std: float, seeds: int) -> str:
+    """Format mean ± std; a single seed has no spread to show."""
+    return f"{mean:.2f} ± {std:.2f}" if seeds > 1 else f"{mean:.2f}"
+
+
 def gather(run_dirs: Iterable[str]) -> tuple[str, str]:
     """Return (markdown table, CSV text) over the runs in `run_dirs`, in percent."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -79,8 +84,8 @@ def gather(run_dirs: Iterable[str]) -> tuple[str, str]:
         model = row["model"] + (" (random weights)" if row["random_weights"] else "")
         lines.append(
             f"| {row['dataset']} | {row['paradigm']} | {model} | {row['metric']} | "
-            f"{row['seeds']} | {row['cap_mean']:.2f} ± {row['cap_std']:.2f} | "
-            f"{row['zero_shot_mean']:.2f} ± {row['zero_shot_std']:.2f} |")
+            f"{row['seeds']} | {_cell(row['cap_mean'], row['cap_std'], row['seeds'])} | "
+            f"{_cell(row['zero_shot_mean'], row['zero_shot_std'], row['seeds'])} |")
     buffer = io.StringIO()
     if rows:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))

@@ -593,7 +593,10 @@ def _train(config, workdir, *, progress, data, model, paradigm, prompt_inputs, c
 
     from cap_jax.data.loader import prefetch
 
-    log.info("compiling the train step (the first iteration is slow)")
+    if loop_state.epoch >= config.epochs:
+        log.info("all %d epochs are done; evaluating the final checkpoint", config.epochs)
+    else:
+        log.info("compiling the train step (the first iteration is slow)")
     started = time.time()
     try:
         state_r, loop_state = loop_lib.run_epochs(
