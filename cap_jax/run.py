@@ -257,15 +257,16 @@ def accuracy_report(predictions, labels, num_classes, *, seen, prefix) -> dict[s
     return report
 
 
-def _json_safe(value):
+def json_safe(value):
+    """Return `value` with NaN and infinity as None and numpy scalars as Python numbers."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
-        return _json_safe(value.item())
+        return json_safe(value.item())
     return value
 
 
@@ -579,7 +580,7 @@ def _train(config, workdir, *, progress, data, model, paradigm, prompt_inputs, c
     last_evaluation: dict[str, Any] = {}
 
     def on_epoch_end(state_r, next_loop_state, record):
-        record = _json_safe(dict(record, **memory_usage()))
+        record = json_safe(dict(record, **memory_usage()))
         if "test_accuracy" in record:
             last_evaluation.clear()
             last_evaluation.update(
@@ -632,7 +633,7 @@ def _train(config, workdir, *, progress, data, model, paradigm, prompt_inputs, c
     if concepts_report is not None:
         results["concept_alignment"] = concepts_report.get("summary", concepts_report)
     with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(_json_safe(results), f, indent=2)
+        json.dump(json_safe(results), f, indent=2)
         f.write("\n")
     log.info("results: test accuracy %.4f (zero-shot %.4f)", results["test_accuracy"],
              results["zero_shot_accuracy"])

@@ -19,12 +19,13 @@ import argparse
 import csv
 import json
 import logging
-import math
 import os
 import sys
 import time
 
 import numpy as np
+
+from cap_jax.run import json_safe
 
 log = logging.getLogger("simulate")
 
@@ -59,18 +60,6 @@ class _DropMessage(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return self.text not in record.getMessage()
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
 
 
 def plot_counts(results: list[dict], world, path: str) -> None:
@@ -172,7 +161,7 @@ def main(argv=None) -> int:
 
     rows = sim.summarize(results)
     with open(os.path.join(args.output, "results.json"), "w") as f:
-        json.dump(_json_safe({"config": config.to_dict(), "seconds": seconds, "runs": results}),
+        json.dump(json_safe({"config": config.to_dict(), "seconds": seconds, "runs": results}),
                   f, indent=1)
         f.write("\n")
     header, table = sim.csv_rows(rows)
