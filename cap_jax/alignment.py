@@ -2,10 +2,11 @@
 
 Runs once, after the zero-shot pass and the initial leaderboard. The classes to align are the
 detected ones (`concept_alignment="detect"`) or those listed in the description file
-(`concept_alignment="reference"`, the PyTorch code's fixed list, for comparison with the
-paper). For each of them that has a description, the description closest to the class's image
-cluster retrieves the class's initial main samples by cosine similarity over the unlabeled
-pool's zero-shot image features; the labeled images are never retrieved. Other rows of the
+(`concept_alignment="reference"`, the fixed class list of the PyTorch CAP code, to compare
+with the published numbers). For each of them that has a description, the description
+closest to the class's image cluster retrieves the class's initial main samples by cosine
+similarity over the unlabeled pool's zero-shot image features. The labeled images are never
+retrieved. Other rows of the
 leaderboard stay as they were.
 
 Writes `concepts.json` (detected classes with evidence, chosen descriptions, the rows that

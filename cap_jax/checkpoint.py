@@ -1,6 +1,6 @@
 """Orbax checkpoints of the whole run state, one per finished epoch.
 
-A checkpoint holds the train state (prompt and adapter parameters, optimizer state, step), the
+A checkpoint contains the train state (prompt and adapter parameters, optimizer state, step), the
 host loop state (next epoch, main-sample leaderboard, confident counts) and a small JSON record
 that identifies the run (model, class names, paradigm, trainable tree layout). That is all the
 next epoch needs: its margin is recomputed from the parameters, leaderboard and counts, and its

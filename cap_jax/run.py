@@ -2,7 +2,7 @@
 
 The run directory gets, in this order: `config.json`, `run.log`, `metrics.jsonl` (one JSON
 line per epoch), `checkpoints/` (Orbax, one per epoch, the last two kept), `results.json`.
-A directory that already holds checkpoints of the same run is resumed from the latest one.
+A directory that already contains checkpoints of the same run is resumed from the latest one.
 
 Inputs are checked before any compute, each failure naming what to fix: the batch size against
 the device count, the dataset (found, class names unique, labels in 0..C-1), every class prompt
@@ -74,7 +74,7 @@ def _fingerprint(values: dict[str, Any]) -> str:
 
 
 def model_fingerprint(model: Any) -> dict[str, Any]:
-    """What identifies a model's weights: the name, and for files their sizes and times."""
+    """Describe a model's weights for cache keys: the name, and for files their sizes and times."""
     info: dict[str, Any] = {"name": model.name, "random": bool(model.is_random)}
     path = getattr(model, "path", None)
     if path and os.path.isdir(path):
@@ -179,7 +179,7 @@ def zero_shot_pass(model: Any, split: Any, class_names: list[str], *, template: 
 
 @dataclasses.dataclass
 class Paradigm:
-    """Which images are labeled and which classes are seen, for UL, SSL or TRZSL."""
+    """The labeled images and the seen classes of a UL, SSL or TRZSL run."""
 
     labeled_ids: Optional[np.ndarray]
     seen: Optional[np.ndarray]
@@ -291,7 +291,7 @@ def _check_saved_config(config: config_lib.RunConfig, path: str) -> None:
     if differing:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
         raise ValueError(
-            f"{path} holds a run with another config ({details}); resume it with the same "
+            f"{path} contains a run with another config ({details}); resume it with the same "
             f"config, or use another --workdir")
 
 
@@ -377,7 +377,7 @@ def default_cache_dir() -> str:
 
 def run(config: config_lib.RunConfig, workdir: str, *, progress: bool = True,
         data: Any = None, model: Any = None) -> dict[str, Any]:
-    """Run CAP as `config` says, writing everything into `workdir`; return the results.
+    """Run CAP with `config`, writing everything into `workdir`, and return the results.
 
     `data` and `model` may be passed in (tests); otherwise they are loaded from the config.
     """

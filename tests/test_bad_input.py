@@ -316,6 +316,6 @@ def test_workdir_of_run_with_other_config(tmp_path, caplog, image_root):
     write_checkpoint(tmp_path / "run", dict(config, model="random:ViT-B/32"), run_identity())
     code, errors, _ = run_cli(tmp_path, caplog, config)
     assert code == 2
-    assert "holds a run with another config (model: 'random:ViT-B/32' -> 'random:tiny')" in (
+    assert "contains a run with another config (model: 'random:ViT-B/32' -> 'random:tiny')" in (
         errors)
     assert "use another --workdir" in errors
