@@ -366,8 +366,9 @@ def _load_data(config: config_lib.RunConfig) -> Any:
             train_split=config.train_split)
     except FileNotFoundError as error:
         raise FileNotFoundError(
-            f"{error} In a run config, the data folder is the key data_root "
-            f"(now {config.data_root!r}).") from error
+            f"{error} On the command line, set the data folder with --set data_root=DIR "
+            f"(now {config.data_root!r}); experiments/SETTINGS.md says where each benchmark "
+            f"comes from and how to prepare it.") from error
 
 
 def default_cache_dir() -> str:
