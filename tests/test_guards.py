@@ -13,33 +13,14 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
-import PIL.Image
 import pytest
+from image_folders import COLOURS, write_image_folder
 
 from cap_jax import checkpoint as checkpoint_lib
 from cap_jax import cli
 from cap_jax import loop as loop_lib
 from cap_jax import margin as margin_lib
 from cap_jax.clip import CLIP, CLIPConfig, init_params
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 220),
-           "yellow": (220, 220, 40)}
-
-
-def write_image_folder(root, train_per_class=4, test_per_class=1):
-    """Write 32x32 PNGs of noisy coloured squares into ROOT/{train,test}/<class>/."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for name, colour in COLOURS.items():
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.normal(128, 30, (32, 32, 3))
-                top, left = rng.integers(0, 16, size=2)
-                pixels[top:top + 16, left:left + 16] = colour
-                image = PIL.Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-                image.save(folder / f"{name}_{i}.png")
-
 
 # ----------------------------------------------------------------------------------------------
 # Margin at the start of an epoch, with host-side feature functions in place of the towers.

@@ -14,8 +14,8 @@ import os
 
 import jax
 import numpy as np
-import PIL.Image
 import pytest
+from image_folders import write_image_folder
 
 from cap_jax import adapters as adapters_lib
 from cap_jax import checkpoint as checkpoint_lib
@@ -43,25 +43,11 @@ TEST_PER_CLASS = 3
 N_MAIN_SAMPLES = 3
 
 
-def write_image_folder(root, *, train_per_class=TRAIN_PER_CLASS, test_per_class=TEST_PER_CLASS):
-    """Write 32x32 PNGs of noisy coloured squares into ROOT/{train,test}/<class>/."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for name, colour in COLOURS.items():
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                image = rng.normal(128, 30, (32, 32, 3))
-                top, left = rng.integers(0, 16, size=2)
-                image[top:top + 16, left:left + 16] = colour
-                pixels = np.clip(image, 0, 255).astype(np.uint8)
-                PIL.Image.fromarray(pixels).save(folder / f"{name}_{i}.png")
-
-
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("coloured_squares")
-    write_image_folder(root)
+    write_image_folder(root, COLOURS, train_per_class=TRAIN_PER_CLASS,
+                       test_per_class=TEST_PER_CLASS)
     return root
 
 

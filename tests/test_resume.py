@@ -17,33 +17,16 @@ import sys
 import time
 
 import numpy as np
-import PIL.Image
 import pytest
+from image_folders import COLOURS, write_image_folder
 
 from cap_jax import checkpoint as checkpoint_lib
 from cap_jax import loop as loop_lib
 
 EPOCHS = 3
 KILL_AFTER_EPOCHS = 1
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 220),
-           "yellow": (220, 220, 40)}
 # Keys of a metrics line that measure time or memory, not the computation.
 VOLATILE_KEYS = {"seconds", "memory_gb", "peak_memory_gb"}
-
-
-def write_image_folder(root, train_per_class=6, test_per_class=2):
-    """Write 32x32 PNGs of noisy coloured squares into ROOT/{train,test}/<class>/."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for name, colour in COLOURS.items():
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.normal(128, 30, (32, 32, 3))
-                top, left = rng.integers(0, 16, size=2)
-                pixels[top:top + 16, left:left + 16] = colour
-                image = PIL.Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-                image.save(folder / f"{name}_{i}.png")
 
 
 def cli_env(devices, jax_cache):
@@ -122,7 +105,7 @@ def flat_leaves(tree, prefix=""):
 def runs(tmp_path_factory):
     """Run the same config uninterrupted, killed and resumed, and resumed on 2 devices."""
     base = tmp_path_factory.mktemp("resume")
-    write_image_folder(base / "images")
+    write_image_folder(base / "images", train_per_class=6, test_per_class=2)
     config = dict(
         name="resume", dataset="squares", data_root=str(base / "images"),
         model="random:tiny", prompt_depth=2, epochs=EPOCHS, iterations_per_epoch=2,
