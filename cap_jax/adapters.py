@@ -144,7 +144,7 @@ def adapters_from_state_dict(state_dict: Mapping, *, prefix: str = "") -> dict:
             missing = [name for name in (weight_name, bias_name) if name not in arrays]
             if missing:
                 raise KeyError(
-                    f"state dict has no {missing} (prefix {prefix!r}); it holds "
+                    f"state dict has no {missing} (prefix {prefix!r}); it contains "
                     f"{sorted(arrays)[:8]}..."
                 )
             weight = np.asarray(arrays[weight_name], dtype=np.float32)

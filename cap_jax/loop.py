@@ -89,7 +89,7 @@ class LoopSettings:
 
 @dataclasses.dataclass
 class Streams:
-    """Which pool images each stream draws from.
+    """Pool ids of the images each stream draws from.
 
     Attributes:
       unlabeled_ids: [U] pool ids of the unlabeled images.
@@ -168,7 +168,7 @@ def pooled_features(compute: Callable[[np.ndarray], Any], load: Callable[[np.nda
                     ids: np.ndarray, *, batch_size: int, num_devices: int) -> np.ndarray:
     """Run a pmapped feature function over `ids` in fixed-size batches; return [len(ids), D].
 
-    The last batch is padded by repeating its first id so the compiled function sees one shape.
+    The last batch is padded by repeating its first id so the compiled function gets one shape.
     """
     if batch_size % num_devices:
         raise ValueError(f"feature batch {batch_size} does not divide over {num_devices} devices")

@@ -30,7 +30,7 @@ def class_prototypes(image_features, leaderboard, text_features) -> jax.Array:
     """Compute each class's visual prototype from its main samples.
 
     ``v_c = normalize(mean_{i in board_c} normalize(x_i))``; a class whose board
-    holds no image (all ``-1``) uses its unit text feature ``normalize(t_c)``.
+    contains no image (all ``-1``) uses its unit text feature ``normalize(t_c)``.
 
     Args:
       image_features: ``[N, D]`` features of the unlabeled pool (unit or not;

@@ -3,7 +3,7 @@
 The step is a pure function of (state, frozen inputs, batch, margin). It computes the prompted
 text features once, runs the weak unlabeled view through the image tower without building a
 backward pass, and differentiates only the trainable tree (prompts and adapters). Under
-`jax.pmap` every device holds a slice of each stream; the losses are written so that the
+`jax.pmap` every device gets a slice of each stream; the losses are written so that the
 gradient summed over devices equals the gradient of the global batch, which makes the result
 independent of the device count.
 
@@ -159,9 +159,9 @@ def train_step(state: TrainState, frozen: PyTree, batch: dict[str, jax.Array], m
         if has_labeled:
             streams.append(batch["labeled_images"])
         streams.append(batch["strong_images"])
-        # One tower call per stream rather than one over the concatenated batch: on the CPU the
-        # backward pass of a 96-image batch ran at less than half the FLOP rate of three
-        # 32-image ones (measured with experiments/bench_step.py), and the FLOPs are equal.
+        # One tower call per stream rather than one over the concatenated batch. The FLOPs are
+        # equal, but on the CPU the backward pass of a 96-image batch ran at less than half the
+        # FLOP rate of a 32-image one (measured with experiments/bench_step.py).
         pieces = [towers.image_features(frozen, params["prompts"], images) for images in streams]
 
         def branch_logits(feats, name):

@@ -25,7 +25,7 @@ def test_initial_leaderboard_fallback_fills_other_class():
 
 
 def test_initial_leaderboard_unsorted_fallback_quirk():
-    # The fallback appends without sorting: class 1 holds [(0.3, 2), (0.4, 3)],
+    # The fallback appends without sorting: class 1 contains [(0.3, 2), (0.4, 3)],
     # so image 4 (0.35) is compared with 0.4, its last entry, and stays out,
     # although it beats the worst score 0.3. The reference behaves so.
     probs = np.array([[0.9, 0.1], [0.95, 0.05], [0.7, 0.3], [0.6, 0.4], [0.65, 0.35]])

@@ -439,7 +439,7 @@ class TextTransformer(nn.Module):
         eot_positions = eot_positions.astype(jnp.int32)
 
         # Attention is causal, so a sequence cut after its last EOT pools exactly as the full
-        # context does; the positions are those of the first L tokens.
+        # context does. Its positions are those of the first L tokens.
         length = embeddings.shape[1]
         x = embeddings.astype(jnp.float32) + self.positional_embedding[:length]
         x = x.astype(self.dtype)
