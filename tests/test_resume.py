@@ -239,6 +239,7 @@ def test_stray_temporary_folder_is_ignored(tmp_path):
     (stray / "state" / "partial").write_bytes(b"\x00" * 100)
 
     reopened = checkpoint_lib.RunCheckpointer(str(directory), {"model": "m"})
+    assert not stray.exists(), "opening the folder should delete the unfinished save"
     assert reopened.latest_epoch() == 1
     state, loop_state = reopened.restore(small_state(0))
     np.testing.assert_array_equal(state["w"], small_state(1)["w"])
